@@ -114,6 +114,16 @@ def react_turn(thought: str, action: str) -> str:
     return f"Thought: {thought}\nAction: {action}"
 
 
+REACT_FORMAT = ("Answer each observation with one short thought and one action, in exactly this form:\n"
+                "Thought: <your reasoning>\nAction: <one action>")
+
+
+def instruction(env) -> str:
+    """The agent's first-turn instruction: the env's action list, then the ReAct format. Expert
+    files and the agent's prompts both use it, so SFT data and rollouts see the same text."""
+    return f"{env.prompt}\n{REACT_FORMAT}"
+
+
 # ----------------------------------------------------------------------------- trajectory files
 
 
@@ -182,7 +192,7 @@ def run_expert(env, task: Task) -> dict:
         observations.append(obs)
         if done:
             break
-    return trajectory_record(task, env.prompt, first, turns[: len(observations)], observations, reward)
+    return trajectory_record(task, instruction(env), first, turns[: len(observations)], observations, reward)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -171,6 +171,35 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class PrefixKVCache(KVCache):
+    """One shared prefix's keys/values (1, Hkv, L, D), seen by each of R rows up to its own
+    boundary (prefix_mask (R, L) bool), plus every row's own keys/values (R, Hkv, S, D) in slots.
+    This is how R continuations of the states of one trajectory decode together (DESIGN §4)."""
+
+    def __init__(self, prefix_k, prefix_v, prefix_mask, slots: int):
+        R, (_, hkv, _, d) = prefix_mask.shape[0], prefix_k.shape
+        super().__init__(R, slots, hkv, d, prefix_k.dtype, prefix_k.device)
+        self.prefix = (prefix_k[0], prefix_v[0], prefix_mask)  # (Hkv, L, D), (Hkv, L, D), (R, L)
+
+
+def prefix_attention(q, k, v, mask, prefix):
+    """Softmax attention over [shared prefix ; own slots] without copying the prefix per row.
+    q (R, H, T, D); k, v (R, Hkv, S, D); mask (R, 1, T, S); prefix as in PrefixKVCache."""
+    kp, vp, pmask = prefix
+    R, H, T, D = q.shape
+    hkv = k.shape[1]
+    qg = q.view(R, hkv, H // hkv, T, D)  # query heads grouped by the kv head they share
+    scale = 1.0 / math.sqrt(D)
+    sp = torch.einsum("rhgtd,hld->rhgtl", qg, kp) * scale  # all rows in one matmul per kv head
+    ss = torch.einsum("rhgtd,rhsd->rhgts", qg, k) * scale
+    sp = sp.masked_fill(~pmask[:, None, None, None, :], float("-inf"))
+    ss = ss.masked_fill(~mask.view(R, 1, 1, T, -1), float("-inf"))
+    p = torch.cat([sp, ss], -1).softmax(-1)
+    L = kp.shape[1]
+    y = torch.einsum("rhgtl,hld->rhgtd", p[..., :L], vp) + torch.einsum("rhgts,rhsd->rhgtd", p[..., L:], v)
+    return y.reshape(R, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -192,7 +221,9 @@ class Attention(nn.Module):
             # the mask's last dim says how many slots are in use: attend to those only
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
+        if getattr(cache, "prefix", None) is not None:
+            y = prefix_attention(q, k, v, mask, cache.prefix)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -541,7 +572,8 @@ def load_model(path: str, device=None, dtype=None, max_seq_len: int | None = Non
 def save_model(model: Transformer, tokenizer: Tokenizer, path: str, max_shard_bytes: int = 2 * 1024**3,
                extra: dict | None = None) -> None:
     """Write the Hugging Face layout atomically: the folder is built beside `path` and swapped in,
-    so `path` always holds a complete checkpoint (the old or the new). `extra` files: name -> dict."""
+    so `path` always holds a complete checkpoint (the old or the new). `extra`: more files to put in
+    it, name -> object (JSON for *.json names, torch.save otherwise), e.g. trainer and optimizer state."""
     from safetensors.torch import save_file
 
     path = os.path.abspath(path.rstrip("/"))
@@ -579,9 +611,12 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path: str, max_shard_by
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
         tokenizer.save(tmp)
-        for name, obj in (extra or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1)
+        for name, obj in (extra or {}).items():  # trainer state (.json) and optimizer state (torch.save)
+            if name.endswith(".json"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=1)
+            else:
+                torch.save(obj, os.path.join(tmp, name))
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
@@ -666,11 +701,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     eos) or once its decoded text contains a stop string (the token completing it is kept); rows
     that are done leave the batch, and the call ends when all are done. The log-probs are the
     model's own (temperature 1) for each returned token, what the RL losses need as log pi_old.
+    `on_token(row, token)` is called for every kept token (streaming).
     """
-    if stop_ids is None:
-        stop_ids = tokenizer.stop_ids if tokenizer is not None else []
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to decode with")
     dev, B = model.device, len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     if (lens == 0).any():
@@ -693,39 +725,57 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     model.setup_caches(B, S)
     try:
         logits = prefill(model, tokens, pos, mask, slot[:P])
-        rows = list(range(B))  # original index of each live row
-        out_ids, out_lp = [[] for _ in range(B)], [[] for _ in range(B)]
-        stop_set = set(stop_ids)
-        next_pos = lens.clone()
-        for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_p, top_k, generator)  # (b,)
-            lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-            keep = []
-            for j, r in enumerate(rows):
-                t = int(nxt[j])
-                done = t in stop_set
-                if not done:
-                    out_ids[r].append(t)
-                    out_lp[r].append(float(lp[j]))
-                    if on_token:
-                        on_token(r, t)
-                    if stop:
-                        text = tokenizer.decode(out_ids[r][-32:])
-                        done = any(s in text for s in stop)
-                if not done:
-                    keep.append(j)
-            if not keep or i == max_new_tokens - 1:
-                break
-            if len(keep) < len(rows):  # drop finished rows from the batch and the caches
-                idx = torch.tensor(keep, device=dev)
-                rows = [rows[j] for j in keep]
-                nxt, next_pos, valid = nxt[idx], next_pos[idx], valid[idx]
-                for c in model.caches:
-                    c.k, c.v = c.k[idx], c.v[idx]
-            cur = P + i  # slot of the token just sampled
-            m = valid[:, None, : cur + 1]  # (b, 1, cur+1)
-            logits = decode_one_token(model, nxt[:, None], next_pos[:, None], m, slot[cur:cur + 1])
-            next_pos = next_pos + 1
-        return out_ids, out_lp
+        return decode(model, logits, lens, valid, P, max_new_tokens, temperature, top_p, top_k, stop,
+                      stop_ids, tokenizer, generator, on_token)
     finally:
         model.caches = None
+
+
+def decode(model: Transformer, logits, next_pos, valid, first_slot: int, max_new_tokens: int,
+           temperature=0.0, top_p=1.0, top_k=0, stop=None, stop_ids=None, tokenizer=None, generator=None,
+           on_token=None):
+    """The decoding loop under caches already filled: logits (B, V) give each row's first new
+    token; next_pos (B,) its position; valid (B, S) the cache slots each row may attend to; new
+    tokens go to slots first_slot, first_slot + 1, ... Shared by `generate` and the prefix-shared
+    practice sampler in stepagent.py. Returns (ids, logprobs) per row, as `generate`."""
+    if stop_ids is None:
+        stop_ids = tokenizer.stop_ids if tokenizer is not None else []
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode with")
+    dev, B = logits.device, logits.shape[0]
+    slot = torch.arange(valid.shape[1], device=dev)
+    rows = list(range(B))  # original index of each live row
+    out_ids, out_lp = [[] for _ in range(B)], [[] for _ in range(B)]
+    stop_set = set(stop_ids)
+    for i in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, top_k, generator)  # (b,)
+        lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        keep = []
+        for j, r in enumerate(rows):
+            t = int(nxt[j])
+            done = t in stop_set
+            if not done:
+                out_ids[r].append(t)
+                out_lp[r].append(float(lp[j]))
+                if on_token:
+                    on_token(r, t)
+                if stop:
+                    text = tokenizer.decode(out_ids[r][-32:])
+                    done = any(s in text for s in stop)
+            if not done:
+                keep.append(j)
+        if not keep or i == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):  # drop finished rows from the batch and the caches
+            idx = torch.tensor(keep, device=dev)
+            rows = [rows[j] for j in keep]
+            nxt, next_pos, valid = nxt[idx], next_pos[idx], valid[idx]
+            for c in model.caches:
+                c.k, c.v = c.k[idx], c.v[idx]
+                if getattr(c, "prefix", None) is not None:
+                    c.prefix = (*c.prefix[:2], c.prefix[2][idx])
+        cur = first_slot + i  # slot of the token just sampled
+        m = valid[:, None, : cur + 1]  # (b, 1, cur+1)
+        logits = decode_one_token(model, nxt[:, None], next_pos[:, None], m, slot[cur:cur + 1])
+        next_pos = next_pos + 1
+    return out_ids, out_lp

@@ -1,0 +1,619 @@
+"""StepAgent's shared core: prompts, rollouts and evaluation, the SFT novice, and inspection.
+
+Paper parts (Deng et al., arXiv 2411.03817, "From Novice to Expert"):
+  * the novice, behaviour cloning on expert trajectories:  L_SFT = -sum_t log pi(a_t | s_t)   `train_sft`
+  * inspection: from the expert's own state s_t, the agent practises K actions b_t^1..K ~ pi(.|s_t),
+    each compared with the expert's action a_t                                            `inspect`
+  * evaluation: greedy play of held-out tasks from the start                               `evaluate`
+  * the step-level scoring that both reflection strategies (train_implicit.py, train_irl.py) build
+    on: log pi(a_t|s_t) and log pi(b|s_t) for every expert action and practice in one forward
+    per trajectory                                                                          `score_packed`
+
+Departures: the paper does not fix how a practice is compared with the expert; we parse the
+`Action:` line of both and compare after normalising case, whitespace and brackets
+(envs.normalize_action). A state longer than the model's context is skipped in inspection (counted
+in the log); in rollouts the oldest observation/action pairs are dropped instead.
+
+Speed (DESIGN §4): the K practices of every state of one trajectory are sampled together from a
+single prefill of the whole expert trajectory (`sample_practice`), and scoring packs the expert
+trajectory and all candidates into one row (`pack_row`); the naive versions are kept as references.
+
+    python stepagent.py sft                          # tiny preset on webshop: tokenizer, model, SFT
+    python stepagent.py eval --model runs/webshop-tiny/sft --split test --n_test 200
+    python stepagent.py inspect --model runs/webshop-tiny/sft --k 4
+    python stepagent.py sft --preset smollm2 --lr 1e-5 --out runs/webshop-smollm2
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import envs
+import model as M
+
+# ----------------------------------------------------------------------------- config and logging
+
+
+@dataclass
+class Config:
+    env: str = "webshop"  # envs.ENVS name
+    preset: str = "tiny"  # tiny | smollm2 | path of a Hugging Face-layout model folder
+    out: str = "runs/webshop-tiny"  # run folder: base model, data, checkpoints, metrics, evaluations
+    model: str = ""  # inspect/eval: model folder (default: <out>/sft)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # weights: fp32 | bf16 | fp16 (GPU training uses fp32 weights + bf16 autocast)
+    n_train: int = 1000  # expert trajectories from the train split (the paper's expert data)
+    n_dev: int = 100  # dev tasks evaluated after each epoch / iteration
+    n_test: int = 200  # test tasks in the final evaluation
+    split: str = "test"  # eval: which split
+    # tiny preset (a from-scratch Llama on the env's own text)
+    vocab_size: int = 2048
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 2048
+    # SFT (the novice)
+    sft_epochs: int = 3
+    sft_lr: float = 2e-3
+    batch_size: int = 16  # trajectories per micro-batch
+    grad_accum: int = 1
+    warmup: float = 0.05  # fraction of steps with linear warmup, then cosine to 10%
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # acting
+    max_new_tokens: int = 64  # per turn
+    eval_batch: int = 64  # tasks played in lockstep
+    one_shot: bool = False  # prepend one train expert trajectory as an example
+    # inspection
+    k: int = 4  # practice number K (IPR uses 5)
+    temperature: float = 1.0  # practice sampling temperature
+    top_p: float = 1.0
+    n_inspect: int = 0  # expert trajectories inspected per iteration (0 = all n_train)
+
+
+def parse_config(cls, argv: list[str]):
+    """`--field value` for every dataclass field; prints and returns the resolved config."""
+    cfg, i = cls(), 0
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    while i < len(argv):
+        key = argv[i].lstrip("-").replace("-", "_")
+        if not argv[i].startswith("--") or key not in fields:
+            sys.exit(f"error: unknown option {argv[i]!r}; options: " + " ".join(f"--{k}" for k in fields))
+        if i + 1 >= len(argv):
+            sys.exit(f"error: --{key} needs a value")
+        raw, default = argv[i + 1], getattr(cfg, key)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = raw.lower() in ("true", "1")
+            else:
+                val = type(default)(raw)
+        except ValueError:
+            sys.exit(f"error: --{key} expects a {type(default).__name__}, got {raw!r}")
+        setattr(cfg, key, val)
+        i += 2
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return cfg
+
+
+class Log:
+    """One JSON line per event in <out>/<name>.jsonl and a short line on stdout."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = open(path, "a")
+
+    def __call__(self, **kv):
+        self.f.write(json.dumps(kv) + "\n")
+        self.f.flush()
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kv.items()))
+
+
+def get_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- conversations
+
+_warned_overflow = False
+
+
+def to_messages(record: dict) -> list[dict]:
+    """ETO/IPR conversations -> chat messages (human -> user, gpt -> assistant)."""
+    return [{"role": "user" if c["from"] == "human" else "assistant", "content": c["value"]}
+            for c in record["conversations"]]
+
+
+def fit_context(tok: M.Tokenizer, messages: list[dict], budget: int):
+    """Token ids of the chat (ending in a generation prompt), dropping the oldest assistant/user
+    pairs after the first user turn until it fits in `budget` tokens; says so once."""
+    global _warned_overflow
+    msgs = list(messages)
+    while True:
+        ids, _ = tok.encode_chat(msgs, add_generation_prompt=True)
+        if len(ids) <= budget or len(msgs) < 4:
+            break
+        msgs = msgs[:1] + msgs[3:]
+        if not _warned_overflow:
+            tqdm.write(f"note: a conversation exceeded the context ({budget} tokens for the prompt); "
+                       "dropping its oldest observation/action pairs (said once)")
+            _warned_overflow = True
+    return ids[-budget:] if len(ids) > budget else ids
+
+
+def clean_turn(text: str) -> str:
+    """The model's turn as the env sees it: cut at a hallucinated next observation."""
+    for cut in ("\nObservation", "<|im_end|>"):
+        text = text.split(cut)[0]
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------- rollouts and evaluation
+
+
+def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[envs.Task], temperature=0.0,
+            top_p=1.0, max_new_tokens=64, batch=64, generator=None, one_shot: list[dict] | None = None,
+            desc="rollout", env_kwargs: dict | None = None) -> list[dict]:
+    """Play tasks in lockstep, one batched `generate` per step for every live task. Returns one
+    ETO record per task with reward, success and steps added."""
+    results = [None] * len(tasks)
+    budget = model.args.max_seq_len - max_new_tokens
+    bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True)
+    for lo in range(0, len(tasks), batch):
+        live = []
+        for i in range(lo, min(lo + batch, len(tasks))):
+            env = envs.load_env(env_name, **(env_kwargs or {}))
+            first = env.reset(tasks[i])
+            msgs = [{"role": "user", "content": f"{envs.instruction(env)}\n\n{first}"}]
+            live.append({"i": i, "env": env, "msgs": msgs, "reward": 0.0, "steps": 0})
+        prefix = (one_shot or [])
+        max_steps = live[0]["env"].max_steps
+        for _ in range(max_steps):
+            if not live:
+                break
+            prompts = [fit_context(tok, prefix + s["msgs"], budget) for s in live]
+            outs, _ = M.generate(model, prompts, max_new_tokens, temperature, top_p, tokenizer=tok,
+                                 stop=["\nObservation"], generator=generator)
+            still = []
+            for s, out in zip(live, outs):
+                turn = clean_turn(tok.decode(out))
+                obs, reward, done = s["env"].step(turn)
+                s["steps"] += 1
+                s["msgs"] += [{"role": "assistant", "content": turn}, {"role": "user", "content": f"Observation: {obs}"}]
+                s["reward"] = reward
+                if done:
+                    _finish(results, s, tasks, bar)
+                else:
+                    still.append(s)
+            live = still
+        for s in live:  # out of steps without a terminal action
+            _finish(results, s, tasks, bar)
+    bar.close()
+    return results
+
+
+def _finish(results, s, tasks, bar):
+    task = tasks[s["i"]]
+    conv = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in s["msgs"]]
+    results[s["i"]] = {"id": task.id, "conversations": conv, "reward": float(s["reward"]),
+                       "success": s["reward"] >= 1.0, "steps": s["steps"], "task": task.to_json()}
+    bar.update(1)
+
+
+def one_shot_example(env_name: str) -> list[dict]:
+    """The first train expert trajectory as a worked example, turned into chat messages."""
+    env = envs.load_env(env_name)
+    rec = envs.run_expert(env, envs.make(env_name, "train", n=1, seed=12345)[0])
+    msgs = to_messages(rec)
+    return msgs[:-1] if msgs[-1]["role"] == "user" else msgs  # ends on the expert's last action
+
+
+def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = None, desc: str = "eval") -> dict:
+    """Greedy play of `n` tasks of `split`; writes trajectories.json and summary.json to out_dir."""
+    tasks = envs.make(cfg.env, split, n=n, seed=cfg.seed)
+    shot = one_shot_example(cfg.env) if cfg.one_shot else None
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    recs = rollout(model, tok, cfg.env, tasks, 0.0, 1.0, cfg.max_new_tokens, cfg.eval_batch, one_shot=shot,
+                   desc=f"{desc} {split}")
+    model.train(was_training)
+    summary = {"env": cfg.env, "split": split, "n": len(recs), "seed": cfg.seed,
+               "avg_reward": sum(r["reward"] for r in recs) / max(1, len(recs)),
+               "success_rate": sum(r["success"] for r in recs) / max(1, len(recs)),
+               "avg_steps": sum(r["steps"] for r in recs) / max(1, len(recs)), "seconds": time.time() - t0}
+    if out_dir:
+        envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
+        envs.write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def expert_data(cfg: Config) -> list[dict]:
+    """Expert trajectories of n_train train tasks (cached in <out>/data as an ETO file)."""
+    path = os.path.join(cfg.out, "data", f"{cfg.env}_train_{cfg.n_train}_seed{cfg.seed}.json")
+    if os.path.exists(path):
+        return envs.load_trajectories(path)
+    env = envs.load_env(cfg.env)
+    tasks = envs.make(cfg.env, "train", n=cfg.n_train, seed=cfg.seed)
+    recs = [envs.run_expert(env, t) for t in tqdm(tasks, desc="expert trajectories", leave=False)]
+    bad = [r["id"] for r in recs if r["reward"] < 1.0]
+    if bad:
+        raise RuntimeError(f"{cfg.env}: the expert failed {len(bad)} train tasks (e.g. {bad[:3]})")
+    envs.save_trajectories(path, recs)
+    return recs
+
+
+def prepare_base(cfg: Config, records: list[dict]) -> str:
+    """The model SFT starts from: a folder in the Hugging Face layout."""
+    if cfg.preset == "smollm2":
+        path = os.path.join("checkpoints", "smollm2-135m-instruct")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            M.convert_gguf(M.find_smollm2_gguf(), path)
+        return path
+    if cfg.preset != "tiny":
+        if not os.path.exists(os.path.join(cfg.preset, "config.json")):
+            raise FileNotFoundError(f"--preset {cfg.preset!r}: not tiny/smollm2 and no config.json there")
+        return cfg.preset
+    path = os.path.join(cfg.out, "base")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    # a byte-level BPE trained on the env's own text, then a small Llama from scratch
+    tok_dir = os.path.join(cfg.out, "tokenizer")
+    texts = [c["value"] for r in records for c in r["conversations"]]
+    tok = M.train_tokenizer(texts, cfg.vocab_size, tok_dir)
+    args = M.ModelArgs(vocab_size=tok.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       n_kv_heads=cfg.n_heads, head_dim=cfg.dim // cfg.n_heads, intermediate_size=cfg.dim * 3,
+                       max_seq_len=cfg.max_seq_len, tie_embeddings=True, rope_theta=10000.0)
+    model = M.Transformer.from_args(args, seed=cfg.seed)
+    M.save_model(model, tok, path)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny preset: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, saved to {path} (tokenizer from {tok_dir})")
+    return path
+
+
+def load(path: str, cfg: Config):
+    return M.load_model(path, device=get_device(cfg.device), dtype=cfg.dtype)
+
+
+# ----------------------------------------------------------------------------- SFT (the novice)
+
+
+def encode_records(tok: M.Tokenizer, records: list[dict], max_len: int):
+    """(ids, assistant mask) per trajectory; trajectories longer than max_len are left out (counted)."""
+    out, skipped = [], 0
+    for r in records:
+        ids, mask = tok.encode_chat(to_messages(r))
+        if len(ids) > max_len:
+            skipped += 1
+            continue
+        out.append((ids, mask))
+    if skipped:
+        print(f"note: {skipped} of {len(records)} trajectories exceed {max_len} tokens and are not trained on")
+    return out
+
+
+def collate(examples, pad_id: int, device):
+    """Right-padded (B, T) tokens and (B, T) bool target mask (padding and prompts are not targets)."""
+    T = max(len(ids) for ids, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    tm = torch.zeros(len(examples), T, dtype=torch.bool)
+    for b, (ids, mask) in enumerate(examples):
+        x[b, : len(ids)] = torch.tensor(ids)
+        tm[b, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+    tm[:, 0] = False
+    return x.to(device), tm.to(device)
+
+
+def sft_loss(model, x, tm) -> torch.Tensor:
+    """Mean negative log-likelihood of the assistant tokens (the paper's L_SFT, per token)."""
+    lp = M.token_logprobs(model, x, tm)
+    return -lp.sum() / tm.sum().clamp(min=1)
+
+
+def lr_at(step: int, total: int, warmup: float, lr: float) -> float:
+    """Linear warmup over the first `warmup` fraction, then cosine from lr down to lr/10."""
+    w = max(1, int(warmup * total))
+    if step < w:
+        return lr * (step + 1) / w
+    p = (step - w) / max(1, total - w)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def train_sft(cfg: Config) -> str:
+    """Behaviour cloning; a checkpoint per epoch in <out>/sft (resumed if interrupted; returned at
+    once if already complete: the cached novice). Returns the checkpoint folder."""
+    seed_all(cfg.seed)
+    records = expert_data(cfg)
+    base = prepare_base(cfg, records)
+    ckpt = os.path.join(cfg.out, "sft")
+    state_path = os.path.join(ckpt, "trainer_state.json")
+    state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
+    if state["epoch"] >= cfg.sft_epochs:
+        print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
+        return ckpt
+    model, tok = load(ckpt if state["epoch"] else base, cfg)
+    device = model.device
+    data = encode_records(tok, records, model.args.max_seq_len)
+    n_batches = math.ceil(len(data) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total = steps_per_epoch * cfg.sft_epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if state["epoch"]:
+        opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device))
+        print(f"resuming SFT from {ckpt} after epoch {state['epoch']}")
+    log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))
+    step = state["step"]
+    model.train()
+    for epoch in range(state["epoch"], cfg.sft_epochs):
+        order = list(range(len(data)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # per-epoch order: resumable
+        bar = tqdm(range(n_batches), desc=f"sft epoch {epoch + 1}/{cfg.sft_epochs}", dynamic_ncols=True)
+        t0, tokens = time.time(), 0
+        for b in bar:
+            x, tm = collate([data[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]], tok.pad_id, device)
+            with autocast(device):
+                loss = sft_loss(model, x, tm)
+            (loss / cfg.grad_accum).backward()
+            tokens += x.numel()
+            if (b + 1) % cfg.grad_accum == 0 or b == n_batches - 1:
+                lr = lr_at(step, total, cfg.warmup, cfg.sft_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                if step % 10 == 0:
+                    log.f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gn.item()}) + "\n")
+        dev = evaluate(model, tok, cfg, "dev", cfg.n_dev, desc="sft dev")
+        model.train()
+        log(event="sft_epoch", epoch=epoch + 1, step=step, loss=loss.item(), dev_success=dev["success_rate"],
+            dev_reward=dev["avg_reward"], tokens_per_s=tokens / (time.time() - t0))
+        M.save_model(model, tok, ckpt, extra={"trainer_state.json": {"epoch": epoch + 1, "step": step, "dev": dev},
+                                              "optimizer.pt": opt.state_dict()})
+    print(f"novice saved to {ckpt}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def turn_spans(tok: M.Tokenizer, messages: list[dict]):
+    """(ids, spans): the chat's token ids and, per assistant turn, (start, end) token columns of
+    its action (content and end-of-turn token). ids[:start] is the state s_t, ending in the
+    generation prompt, so the agent continues from exactly where the expert acted."""
+    ids, mask = tok.encode_chat(messages)
+    spans, t = [], 0
+    while t < len(mask):
+        if mask[t]:
+            s = t
+            while t < len(mask) and mask[t]:
+                t += 1
+            spans.append((s, t))
+        else:
+            t += 1
+    return ids, spans
+
+
+def turn_ids(tok: M.Tokenizer, text: str) -> list[int]:
+    """The tokens an assistant turn `text` has inside a chat (content + end-of-turn), for scoring."""
+    ids, mask = tok.encode_chat([{"role": "user", "content": "."}, {"role": "assistant", "content": text}])
+    return [i for i, m in zip(ids, mask) if m]
+
+
+@torch.no_grad()
+def sample_practice(model, tok, ids: list[int], bounds: list[int], k: int, temperature=1.0, top_p=1.0,
+                    max_new_tokens=64, generator=None):
+    """K continuations from every state ids[:b] (b in bounds) of one trajectory, sharing its prefix:
+    one causal prefill of ids[:max(bounds)] fills the caches and gives every state's first-token
+    logits at column b-1; the T*K rows then decode together, each attending to the prefix up to
+    its own boundary (PrefixKVCache) plus its own tokens. Returns (ids, logprobs) per row, row
+    t*K + j being sample j of state t."""
+    dev = model.device
+    L = max(bounds)
+    x = torch.tensor(ids[:L], device=dev)[None]
+    model.setup_caches(1, L)
+    try:
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None]
+        h = model.hidden(x, torch.arange(L, device=dev), causal)  # (1, L, dim)
+        b = torch.tensor(bounds, device=dev).repeat_interleave(k)  # (R,) boundary of each row
+        logits = model.lm_head(h[0, b - 1])  # (R, V)
+        pmask = torch.arange(L, device=dev)[None] < b[:, None]  # (R, L)
+        model.caches = [M.PrefixKVCache(c.k, c.v, pmask, max_new_tokens) for c in model.caches]
+        valid = torch.ones(len(b), max_new_tokens, dtype=torch.bool, device=dev)
+        return M.decode(model, logits, b.clone(), valid, 0, max_new_tokens, temperature, top_p, 0,
+                        ["\nObservation"], None, tok, generator)
+    finally:
+        model.caches = None
+
+
+@torch.no_grad()
+def sample_practice_naive(model, tok, ids, bounds, k, temperature=1.0, top_p=1.0, max_new_tokens=64, generator=None):
+    """The reference: a fresh prefill of each state, K samples each, one state at a time."""
+    out_ids, out_lp = [], []
+    for b in bounds:
+        i, lp = M.generate(model, [ids[:b]] * k, max_new_tokens, temperature, top_p, tokenizer=tok,
+                           stop=["\nObservation"], generator=generator)
+        out_ids += i
+        out_lp += lp
+    return out_ids, out_lp
+
+
+def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, top_p: float = 1.0,
+            max_new_tokens: int = 64, generator=None, out_path: str | None = None, shared: bool = True,
+            log: Log | None = None) -> list[dict]:
+    """The inspection stage: K practices from every expert state of every trajectory, each compared
+    with the expert's action. Returns step records (and writes them as JSONL to out_path):
+    {traj_id, step, expert, expert_action, agent: [{text, action, match, logprob}]}."""
+    sampler = sample_practice if shared else sample_practice_naive
+    steps, skipped = [], 0
+    was_training = model.training
+    model.eval()
+    for rec in tqdm(records, desc=f"inspect K={k}", leave=False, dynamic_ncols=True):
+        msgs = to_messages(rec)
+        ids, spans = turn_spans(tok, msgs)
+        fits = [i for i, (s, _) in enumerate(spans) if s + max_new_tokens <= model.args.max_seq_len]
+        skipped += len(spans) - len(fits)
+        if not fits:
+            continue
+        outs, lps = sampler(model, tok, ids, [spans[i][0] for i in fits], k, temperature, top_p,
+                            max_new_tokens, generator)
+        experts = [m["content"] for m in msgs if m["role"] == "assistant"]
+        for n, t in enumerate(fits):
+            want = envs.normalize_action(envs.parse_action(experts[t]))
+            agent = []
+            for j in range(n * k, (n + 1) * k):
+                text = clean_turn(tok.decode(outs[j]))
+                act = envs.parse_action(text)
+                agent.append({"text": text, "action": act, "match": envs.normalize_action(act) == want,
+                              "logprob": float(sum(lps[j]))})
+            steps.append({"traj_id": rec["id"], "step": t, "expert": experts[t],
+                          "expert_action": envs.parse_action(experts[t]), "agent": agent})
+    model.train(was_training)
+    if skipped:
+        tqdm.write(f"note: {skipped} states longer than the context were not inspected")
+    if out_path:
+        envs.atomic_write(out_path, "".join(json.dumps(s) + "\n" for s in steps))
+    if log is not None:
+        rates = match_rates(steps)
+        log(event="inspect", states=len(steps), match_rate=rates["all"],
+            match_by_step=" ".join(f"{t}:{r:.2f}" for t, r in rates["by_step"].items()))
+    return steps
+
+
+def match_rates(steps: list[dict]) -> dict:
+    """Expert-action match rate overall and per step index: the measured novice-expert gap."""
+    by: dict[int, list[bool]] = {}
+    for s in steps:
+        by.setdefault(s["step"], []).extend(a["match"] for a in s["agent"])
+    flat = [m for v in by.values() for m in v]
+    return {"all": sum(flat) / max(1, len(flat)), "by_step": {t: sum(v) / len(v) for t, v in sorted(by.items())}}
+
+
+# ----------------------------------------------------------------------------- packed scoring
+
+
+def pack_row(traj: list[int], spans: list[tuple[int, int]], cands: list[tuple[int, list[int]]]):
+    """One packed row (DESIGN §4): the teacher-forced trajectory, then every candidate action.
+
+    cands: (step t, token ids) pairs. A candidate for step t attends to trajectory columns before
+    spans[t][0] (the state s_t) and causally to itself, with positions continuing from there; its
+    first token is predicted by the trajectory's column spans[t][0] - 1. Returns tokens (N,),
+    positions (N,), mask (N, N) bool, targets (N,) bool, src (N,), and the column ranges of the
+    expert actions and of the candidates."""
+    L = len(traj)
+    tokens, pos, seg, limit, src = list(traj), list(range(L)), [-1] * L, list(range(1, L + 1)), list(range(-1, L - 1))
+    targets = [False] * L
+    expert_cols = []
+    for s, e in spans:
+        targets[s:e] = [True] * (e - s)
+        expert_cols.append((s, e))
+    cand_cols = []
+    for c, (t, ids) in enumerate(cands):
+        b, start = spans[t][0], len(tokens)
+        tokens += ids
+        pos += range(b, b + len(ids))
+        seg += [c] * len(ids)
+        limit += [b] * len(ids)
+        src += [b - 1] + list(range(start, start + len(ids) - 1))
+        targets += [True] * len(ids)
+        cand_cols.append((start, start + len(ids)))
+    N = len(tokens)
+    seg_t, lim_t, col = torch.tensor(seg), torch.tensor(limit), torch.arange(N)
+    in_traj = (col[None] < L) & (col[None] < lim_t[:, None])  # the state: trajectory columns before the limit
+    own = (seg_t[:, None] == seg_t[None]) & (seg_t[:, None] >= 0) & (col[None] <= col[:, None])
+    return (torch.tensor(tokens), torch.tensor(pos), in_traj | own, torch.tensor(targets), torch.tensor(src),
+            expert_cols, cand_cols)
+
+
+def score_packed(model, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Summed log-probs of every expert action and every candidate, one forward for all rows
+    (right-padded to a common length). Returns per row (expert (T,), candidates (C,)), with grad."""
+    dev, N = model.device, max(len(r[0]) for r in rows)
+    B = len(rows)
+    tokens = torch.zeros(B, N, dtype=torch.long)
+    pos = torch.zeros(B, N, dtype=torch.long)
+    mask = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)  # padding sees itself only
+    targets = torch.zeros(B, N, dtype=torch.bool)
+    src = torch.zeros(B, N, dtype=torch.long)
+    for i, (t, p, m, tg, s, _, _) in enumerate(rows):
+        n = len(t)
+        tokens[i, :n], pos[i, :n], mask[i, :n, :n], targets[i, :n], src[i, :n] = t, p, m, tg, s
+    lp = M.token_logprobs(model, tokens.to(dev), targets.to(dev), pos.to(dev), mask.to(dev), src.clamp(min=0).to(dev))
+    out = []
+    for i, (_, _, _, _, _, ecols, ccols) in enumerate(rows):
+        e = torch.stack([lp[i, a:b].sum() for a, b in ecols]) if ecols else lp.new_zeros(0)
+        c = torch.stack([lp[i, a:b].sum() for a, b in ccols]) if ccols else lp.new_zeros(0)
+        out.append((e, c))
+    return out
+
+
+def score_naive(model, traj, spans, cands):
+    """The reference for score_packed: one forward per expert action and per candidate."""
+    def one(prefix, action):
+        x = torch.tensor(prefix + action, device=model.device)[None]
+        tm = torch.zeros_like(x, dtype=torch.bool)
+        tm[0, len(prefix):] = True
+        return M.token_logprobs(model, x, tm).sum()
+    e = torch.stack([one(traj[:s], traj[s:t]) for s, t in spans])
+    c = torch.stack([one(traj[:spans[t][0]], ids) for t, ids in cands]) if cands else torch.zeros(0)
+    return e, c
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("sft", "inspect", "eval"):
+        sys.exit("usage: python stepagent.py sft|inspect|eval [--field value ...]\n" + __doc__.split("\n\n")[-1])
+    cmd, cfg = argv[0], parse_config(Config, argv[1:])
+    seed_all(cfg.seed)
+    if cmd == "sft":
+        ckpt = train_sft(cfg)
+        model, tok = load(ckpt, cfg)
+        s = evaluate(model, tok, cfg, "test", cfg.n_test, os.path.join(cfg.out, "eval", "sft-test"))
+        print(f"novice test: success {s['success_rate']:.3f}, reward {s['avg_reward']:.3f} on {s['n']} tasks "
+              f"(seed {cfg.seed}); checkpoint {ckpt}")
+        return
+    model, tok = load(cfg.model or os.path.join(cfg.out, "sft"), cfg)
+    if cmd == "eval":
+        out = os.path.join(cfg.out, "eval", f"{os.path.basename(os.path.normpath(cfg.model or 'sft'))}-{cfg.split}")
+        s = evaluate(model, tok, cfg, cfg.split, cfg.n_test, out)
+        print(json.dumps(s, indent=1))
+        print(f"trajectories and summary in {out}")
+    else:
+        recs = expert_data(cfg)[: cfg.n_inspect or None]
+        path = os.path.join(cfg.out, "inspect.jsonl")
+        g = torch.Generator(device=model.device).manual_seed(cfg.seed)
+        steps = inspect(model, tok, recs, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, g, path,
+                        log=Log(os.path.join(cfg.out, "inspect_metrics.jsonl")))
+        print(f"{len(steps)} step records in {path}")
+
+
+if __name__ == "__main__":
+    main()

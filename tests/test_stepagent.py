@@ -1,0 +1,74 @@
+"""stepagent.py: prefix-shared sampling and packed scoring equal their naive references."""
+import pytest
+import torch
+
+import model as M
+import stepagent as S
+
+CONV = [
+    {"role": "user", "content": "Find red shoes under 40 dollars.\nWebShop [SEP] Search"},
+    {"role": "assistant", "content": "Thought: I should search.\nAction: search[red shoes]"},
+    {"role": "user", "content": "Observation: [SEP] B0A1 [SEP] red running shoes [SEP] $12.00"},
+    {"role": "assistant", "content": "Thought: B0A1 fits.\nAction: click[B0A1]"},
+    {"role": "user", "content": "Observation: red running shoes [SEP] size [SEP] 8 [SEP] 9 [SEP] Buy Now"},
+    {"role": "assistant", "content": "Thought: size 9.\nAction: click[9]"},
+    {"role": "user", "content": "Observation: you chose 9"},
+    {"role": "assistant", "content": "Thought: buy it.\nAction: click[Buy Now]"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tok"))
+    tok = M.train_tokenizer([m["content"] for m in CONV] * 30, 350, d)
+    args = M.ModelArgs(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                       intermediate_size=128, max_seq_len=1024, tie_embeddings=True)
+    return M.Transformer.from_args(args, seed=1).eval(), tok
+
+
+def test_turn_spans_states_are_generation_prompts(tiny):
+    _, tok = tiny
+    ids, spans = S.turn_spans(tok, CONV)
+    assert len(spans) == 4
+    for t, (s, e) in enumerate(spans):
+        state, _ = tok.encode_chat(CONV[: 2 * t + 1], add_generation_prompt=True)
+        assert ids[:s] == state  # the state the expert acted from, exactly as the agent sees it
+        assert ids[s:e] == S.turn_ids(tok, CONV[2 * t + 1]["content"])
+
+
+def test_shared_prefix_sampling_equals_naive(tiny):
+    model, tok = tiny
+    ids, spans = S.turn_spans(tok, CONV)
+    bounds = [s for s, _ in spans]
+    a_ids, a_lp = S.sample_practice(model, tok, ids, bounds, k=2, temperature=0.0, max_new_tokens=12)
+    b_ids, b_lp = S.sample_practice_naive(model, tok, ids, bounds, k=2, temperature=0.0, max_new_tokens=12)
+    assert a_ids == b_ids
+    assert any(len(x) > 3 for x in a_ids)
+    for x, y in zip(a_lp, b_lp):
+        assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+    # sampled rows: right count, and reproducible under a fixed generator
+    g = lambda: torch.Generator().manual_seed(0)
+    s1, _ = S.sample_practice(model, tok, ids, bounds, k=3, temperature=1.0, max_new_tokens=8, generator=g())
+    s2, _ = S.sample_practice(model, tok, ids, bounds, k=3, temperature=1.0, max_new_tokens=8, generator=g())
+    assert len(s1) == 12 and s1 == s2
+
+
+def test_packed_scoring_equals_separate_forwards(tiny):
+    model, tok = tiny
+    ids, spans = S.turn_spans(tok, CONV)
+    cands = [(0, S.turn_ids(tok, "Thought: x\nAction: search[blue shoes]")), (0, S.turn_ids(tok, "Action: click[B0A1]")),
+             (2, S.turn_ids(tok, "Thought: size 8.\nAction: click[8]")), (3, S.turn_ids(tok, "Action: click[< Prev]"))]
+    row = S.pack_row(ids, spans, cands)
+    short = S.pack_row(ids[: spans[1][1]], spans[:2], cands[:2])  # a second, shorter row: padding
+    with torch.no_grad():
+        (e, c), (e2, c2) = S.score_packed(model, [row, short])
+        ne, nc = S.score_naive(model, ids, spans, cands)
+    assert torch.allclose(e, ne, atol=1e-5) and torch.allclose(c, nc, atol=1e-5)
+    assert torch.allclose(e2, ne[:2], atol=1e-5) and torch.allclose(c2, nc[:2], atol=1e-5)
+    assert (c < 0).all() and (e < 0).all()
+    # gradients flow through the packed scores
+    model.zero_grad()
+    (e, c), = S.score_packed(model, [row])
+    (e.sum() - c.sum()).backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
