@@ -135,6 +135,9 @@ def atomic_write(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets ordinary modes
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
