@@ -1,0 +1,244 @@
+"""Speed benchmarks. Every figure is a ratio against a named peer measured in the same run.
+
+    python bench.py model      # ours vs transformers on SmolLM2-135M: decode b1/b8, train fwd+bwd, fp32/bf16
+    python bench.py env        # built-in env step time and make() of 1,000 tasks
+    python bench.py inspect    # prefix-shared practice sampling vs a fresh prefill per state
+    python bench.py score      # packed scoring vs one forward per (state, action)
+    python bench.py all        # everything above (the README's table)
+
+Options: --threads N (default 2, as CI's machine), --smollm2 DIR (converted checkpoint; converted on
+first use into checkpoints/smollm2-135m-instruct), --repeat N. Timings are the median of --repeat
+runs after one warm-up. Absolute times are for this machine only; the ratios are the claim.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import envs
+import model as M
+
+
+def timeit(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def smollm2_dir(path: str | None) -> str:
+    path = path or os.path.join("checkpoints", "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        M.convert_gguf(M.find_smollm2_gguf(), path)
+    return path
+
+
+def read_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s for streaming a buffer larger than any cache through a reduction (what batch-1
+    decoding does with the weights)."""
+    x = torch.ones(nbytes // 4)
+    return nbytes / timeit(lambda: x.sum(), 5)
+
+
+# ----------------------------------------------------------------------------- model vs transformers
+
+
+def bench_model(a) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_dir(a.smollm2)
+    print(f"\n## model.py vs transformers (SmolLM2-135M, {torch.get_num_threads()} threads)\n")
+    row("what", "dtype", "ours", "transformers", "ours / transformers")
+    row(*["---"] * 5)
+    bw = read_bandwidth()
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, tok = M.load_model(path, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        name = str(dtype).replace("torch.", "")
+        g = torch.Generator().manual_seed(0)
+        for B in (1, 8):
+            prompt = torch.randint(100, 40000, (B, 128), generator=g)
+
+            def ours_gen(n):
+                return lambda: M.generate(ours, prompt.tolist(), n, stop_ids=[])
+
+            def hf_gen(n):
+                return lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                           pad_token_id=0, attention_mask=torch.ones_like(prompt))
+
+            with torch.no_grad():
+                # decode rate = the 63 tokens after the first, so prefill cost cancels out
+                t_ours = timeit(ours_gen(64), a.repeat) - timeit(ours_gen(1), a.repeat)
+                t_hf = timeit(hf_gen(64), a.repeat) - timeit(hf_gen(1), a.repeat)
+            r_ours, r_hf = 63 * B / t_ours, 63 * B / t_hf
+            row(f"greedy decode, batch {B} (tokens/s)", name, f"{r_ours:.1f}", f"{r_hf:.1f}", f"{r_ours / r_hf:.2f}x")
+            if B == 1:
+                wbytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+                bound = bw / wbytes
+                row("batch-1 bound: weight bytes / read bandwidth (tokens/s)", name, f"{bound:.1f}",
+                    f"{r_ours / bound:.0%} of bound (ours)", f"{r_hf / bound:.0%} (transformers)")
+        x = torch.randint(100, 40000, (4, 256), generator=g)
+
+        def train_step(m, logits_fn):
+            def f():
+                m.zero_grad(set_to_none=True)
+                logits_fn(x).float().log_softmax(-1).mean().backward()
+            return f
+
+        t_ours = timeit(train_step(ours, lambda x: ours(x)), a.repeat)
+        t_hf = timeit(train_step(hf, lambda x: hf(x).logits), a.repeat)
+        row("training forward+backward 4x256 (tokens/s)", name, f"{x.numel() / t_ours:.0f}",
+            f"{x.numel() / t_hf:.0f}", f"{t_hf / t_ours:.2f}x")
+        del ours, hf
+    print(f"\nmeasured read bandwidth: {bw / 1e9:.1f} GB/s")
+
+
+# ----------------------------------------------------------------------------- environments
+
+
+def bench_env(a) -> None:
+    print("\n## built-in environments\n")
+    row("env", "make() 1,000 tasks, first call (s)", "step, median (ms)", "steps timed")
+    row(*["---"] * 4)
+    for name in ("webshop", "household", "hotpotqa"):
+        t0 = time.perf_counter()
+        tasks = envs.make(name, "train", n=1000, seed=0)
+        t_make = time.perf_counter() - t0
+        env = envs.load_env(name)
+        times = []
+        for task in tasks[:200]:
+            env.reset(task)
+            for turn in env.expert(task):
+                t0 = time.perf_counter()
+                _, _, done = env.step(turn)
+                times.append(time.perf_counter() - t0)
+                if done:
+                    break
+        row(name, f"{t_make:.2f}", f"{1000 * statistics.median(times):.3f}", len(times))
+
+
+# ----------------------------------------------------------------------------- inspection and scoring
+
+
+def tiny_model(tok: M.Tokenizer) -> M.Transformer:
+    """The tiny preset's shape (stepagent.Config defaults), random weights: speed does not depend on them."""
+    import stepagent as S
+
+    c = S.Config()
+    args = M.ModelArgs(vocab_size=tok.vocab_size, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
+                       n_kv_heads=c.n_heads, head_dim=c.dim // c.n_heads, intermediate_size=3 * c.dim,
+                       max_seq_len=4096, tie_embeddings=True)
+    return M.Transformer.from_args(args).eval()
+
+
+def ten_step_trajectories(n: int) -> list[dict]:
+    """Household expert trajectories cut to their first 10 actions (ALFWorld-like lengths)."""
+    env = envs.load_env("household")
+    out = []
+    for task in envs.make("household", "train", n=400, seed=0):
+        rec = envs.run_expert(env, task)
+        conv = rec["conversations"]
+        if sum(c["from"] == "gpt" for c in conv) >= 10:
+            rec["conversations"] = conv[:21]  # first human turn + 10 (action, observation) pairs -> 10 actions
+            out.append(rec)
+        if len(out) == n:
+            return out
+    return out
+
+
+def models_for_bench(a):
+    import tempfile
+
+    recs = ten_step_trajectories(a.n_traj)
+    d = tempfile.mkdtemp()
+    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * 3, 2048, d)
+    yield "tiny preset (random init)", tiny_model(tok), tok, recs
+    if not a.no_smollm2:
+        m, t = M.load_model(smollm2_dir(a.smollm2))
+        yield "SmolLM2-135M", m, t, recs[:2]
+
+
+def bench_inspect(a) -> None:
+    import stepagent as S
+
+    print(f"\n## inspection: K={a.k} practices from each of 10 states, {a.new_tokens} new tokens each\n")
+    row("model", "trajectories", "prefix-shared (s)", "naive, fresh prefill per state (s)", "speed-up")
+    row(*["---"] * 5)
+    for name, model, tok, recs in models_for_bench(a):
+        items = []
+        for r in recs:
+            ids, spans = S.turn_spans(tok, S.to_messages(r))
+            items.append((ids, [s for s, _ in spans]))
+
+        def run(fn):
+            # greedy, so both paths do the same work (every row decodes new_tokens tokens)
+            return lambda: [fn(model, tok, ids, b, a.k, 0.0, 1.0, a.new_tokens) for ids, b in items]
+
+        with torch.no_grad():
+            t_shared = timeit(run(S.sample_practice), a.repeat)
+            t_naive = timeit(run(S.sample_practice_naive), max(1, a.repeat - 1))
+        row(name, len(recs), f"{t_shared:.2f}", f"{t_naive:.2f}", f"{t_naive / t_shared:.1f}x")
+
+
+def bench_score(a) -> None:
+    import stepagent as S
+
+    print(f"\n## scoring: 10 expert actions + {a.k} candidates per state, per trajectory\n")
+    row("model", "pass", "packed, one row per trajectory (s)", "separate forwards (s)", "speed-up")
+    row(*["---"] * 5)
+    for name, model, tok, recs in models_for_bench(a):
+        jobs = []
+        for r in recs:
+            ids, spans = S.turn_spans(tok, S.to_messages(r))
+            cands = [(t, S.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
+                     for t in range(len(spans)) for j in range(a.k)]
+            jobs.append((ids, spans, cands))
+        for grad in (False, True):
+            def packed():
+                out = S.score_packed(model, [S.pack_row(*j) for j in jobs])
+                if grad:
+                    sum(e.sum() + c.sum() for e, c in out).backward()
+
+            def naive():
+                for j in jobs:
+                    e, c = S.score_naive(model, *j)
+                    if grad:
+                        (e.sum() + c.sum()).backward()
+
+            with torch.set_grad_enabled(grad):
+                t_p, t_n = timeit(packed, a.repeat), timeit(naive, max(1, a.repeat - 1))
+            model.zero_grad(set_to_none=True)
+            row(name, "forward+backward" if grad else "forward", f"{t_p:.2f}", f"{t_n:.2f}", f"{t_n / t_p:.1f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "all"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--smollm2", default=None)
+    p.add_argument("--no_smollm2", action="store_true", help="inspect/score: tiny preset only")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--n_traj", type=int, default=4)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
+    for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score)):
+        if a.what in (name, "all"):
+            fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""envs.py: the shared protocol: action parsing, normalisation, trajectory files, dump."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import envs
+
+
+@pytest.mark.parametrize("turn,want", [
+    ("Thought: I need shoes.\nAction: search[red shoes]", "search[red shoes]"),
+    ("thought: x\naction:   click[B0A1]  \nmore text", "click[B0A1]"),
+    ("Action: look\nAction: inventory", "inventory"),  # the last action counts
+    ("go to fridge 1", "go to fridge 1"),  # a bare action
+    ("Thought: only thinking", None),
+    ("", None),
+    ("Action:   ", None),
+])
+def test_parse_action(turn, want):
+    assert envs.parse_action(turn) == want
+
+
+def test_normalize_action():
+    assert envs.normalize_action("Click[ Buy  Now ]") == envs.normalize_action("click[buy now]") == "click[buy now]"
+    assert envs.normalize_action("search[red shoes]") != envs.normalize_action("search[blue shoes]")
+    assert envs.normalize_action(None) == ""
+
+
+def test_trajectory_roundtrip_and_foreign_file(tmp_path):
+    env = envs.load_env("hotpotqa")
+    task = envs.make("hotpotqa", "dev", n=1)[0]
+    rec = envs.run_expert(env, task)
+    assert rec["reward"] == 1.0
+    conv = rec["conversations"]
+    assert conv[0]["from"] == "human" and envs.REACT_FORMAT in conv[0]["value"]
+    assert [c["from"] for c in conv[1:3]] == ["gpt", "human"] and conv[2]["value"].startswith("Observation: ")
+    path = str(tmp_path / "t.json")
+    envs.save_trajectories(path, [rec])
+    assert envs.load_trajectories(path) == [rec]
+    assert envs.Task.from_json(rec["task"]) == task
+    # a file in the ETO/IPR format written elsewhere: no task field, ids as ints
+    foreign = [{"id": 7, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Action: x"}],
+                "reward": 0.5}]
+    json.dump(foreign, open(tmp_path / "f.json", "w"))
+    assert envs.load_trajectories(str(tmp_path / "f.json"))[0]["reward"] == 0.5
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("{not json", "not valid JSON"),
+    ('{"a": 1}', "expected a JSON list"),
+    ('[{"id": 1}]', "record 0 has no 'conversations'"),
+    ('[{"conversations": [{"from": "bot", "value": "x"}]}]', "record 0 turn 0"),
+])
+def test_bad_trajectory_files_name_the_problem(tmp_path, content, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=msg):
+        envs.load_trajectories(str(p))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        envs.load_trajectories(str(tmp_path / "nope.json"))
+
+
+def test_make_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown env 'shop'"):
+        envs.make("shop", "train")
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        envs.make("webshop", "val")
+
+
+def test_dump_command_writes_solved_experts(tmp_path):
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, "envs.py", "dump", "--env", "household", "--split", "dev", "--n", "5",
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    recs = envs.load_trajectories(str(out))
+    assert len(recs) == 5 and all(x["reward"] == 1.0 for x in recs)
+    assert "5 reach reward 1" in r.stdout
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    p = str(tmp_path / "x.json")
+    envs.write_json(p, {"a": 1})
+
+    with pytest.raises(TypeError):
+        envs.write_json(p, {"a": object()})  # not serialisable: fails before anything is written
+    assert json.load(open(p)) == {"a": 1}
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["x.json"]
