@@ -455,15 +455,16 @@ def sample_practice(model, tok, ids: list[int], bounds: list[int], k: int, tempe
     x = torch.tensor(ids[:L], device=dev)[None]
     model.setup_caches(1, L)
     try:
-        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None]
-        h = model.hidden(x, torch.arange(L, device=dev), causal)  # (1, L, dim)
-        b = torch.tensor(bounds, device=dev).repeat_interleave(k)  # (R,) boundary of each row
-        logits = model.lm_head(h[0, b - 1])  # (R, V)
-        pmask = torch.arange(L, device=dev)[None] < b[:, None]  # (R, L)
-        model.caches = [M.PrefixKVCache(c.k, c.v, pmask, max_new_tokens) for c in model.caches]
-        valid = torch.ones(len(b), max_new_tokens, dtype=torch.bool, device=dev)
-        return M.decode(model, logits, b.clone(), valid, 0, max_new_tokens, temperature, top_p, 0,
-                        STOP, None, tok, generator)
+        with M.packed_weights(model):
+            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None]
+            h = model.hidden(x, torch.arange(L, device=dev), causal)  # (1, L, dim)
+            b = torch.tensor(bounds, device=dev).repeat_interleave(k)  # (R,) boundary of each row
+            logits = model.lm_head(h[0, b - 1])  # (R, V)
+            pmask = torch.arange(L, device=dev)[None] < b[:, None]  # (R, L)
+            model.caches = [M.PrefixKVCache(c.k, c.v, pmask, max_new_tokens) for c in model.caches]
+            valid = torch.ones(len(b), max_new_tokens, dtype=torch.bool, device=dev)
+            return M.decode(model, logits, b.clone(), valid, 0, max_new_tokens, temperature, top_p, 0,
+                            STOP, None, tok, generator)
     finally:
         model.caches = None
 
