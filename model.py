@@ -144,6 +144,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _packed_linear(x, w, b):
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class Linear(nn.Linear):
     """nn.Linear with an inference path through oneDNN on pre-packed weights (`packed_weights`).
     On the AMD CPUs this project is developed on, MKL's fp32 GEMM runs small-batch products at a
@@ -154,30 +159,48 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.packed is not None and not torch.is_grad_enabled():
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
-            return y.view(*x.shape[:-1], y.shape[-1])
+            return _packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _fuse(linears: list[nn.Linear]):
+    """One packed weight (and bias) for several linears reading the same input: fewer, larger calls."""
+    w = torch.cat([m.weight for m in linears])
+    b = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1), b
 
 
 @contextmanager
 def packed_weights(model: nn.Module):
-    """For the duration (inference only, no grad): oneDNN-packed copies of every Linear weight, on
-    CPU in fp32/bf16; elsewhere a no-op. Packing costs one pass over the weights, so it is redone
-    per call, after whatever training changed them."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    w = linears[0].weight if linears else None
+    """For the duration (inference only, no grad): oneDNN-packed copies of the weights, on CPU in
+    fp32/bf16 (q/k/v fused into one product, gate/up into another); elsewhere a no-op. Packing
+    costs one pass over the weights, so it is redone per call, after whatever training changed them."""
+    w = next(model.parameters(), None)
     if (w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
             or not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         yield
         return
+    mods = list(model.modules())
     try:
         with torch.no_grad():
-            for m in linears:
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, 1)
+            for m in mods:
+                if isinstance(m, Attention):
+                    m.qkv = _fuse([m.q_proj, m.k_proj, m.v_proj])
+                    m.o_proj.packed = torch.ops.mkldnn._reorder_linear_weight(m.o_proj.weight, 1)
+                elif isinstance(m, MLP):
+                    m.gate_up = _fuse([m.gate_proj, m.up_proj])
+                    m.down_proj.packed = torch.ops.mkldnn._reorder_linear_weight(m.down_proj.weight, 1)
+            if isinstance(getattr(model, "lm_head", None), Linear):
+                model.lm_head.packed = torch.ops.mkldnn._reorder_linear_weight(model.lm_head.weight, 1)
         yield
     finally:
-        for m in linears:
-            m.packed = None
+        for m in mods:
+            if isinstance(m, Linear):
+                m.packed = None
+            elif isinstance(m, Attention):
+                m.qkv = None
+            elif isinstance(m, MLP):
+                m.gate_up = None
 
 
 class RMSNorm(nn.Module):
@@ -246,11 +269,19 @@ class Attention(nn.Module):
         self.v_proj = Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.attn_bias)
         self.o_proj = Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
+    qkv = None  # (packed fused weight, bias) inside packed_weights()
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None, slots):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv is not None and not torch.is_grad_enabled():
+            hd = self.head_dim
+            q, k, v = _packed_linear(x, *self.qkv).split([self.n_heads * hd, self.n_kv_heads * hd,
+                                                          self.n_kv_heads * hd], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -274,7 +305,12 @@ class MLP(nn.Module):
         self.up_proj = Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
 
+    gate_up = None  # (packed fused weight, bias) inside packed_weights()
+
     def forward(self, x):
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            g, u = _packed_linear(x, *self.gate_up).chunk(2, -1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
