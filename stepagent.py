@@ -63,9 +63,10 @@ class Config:
     n_heads: int = 4
     max_seq_len: int = 2048
     # SFT (the novice)
-    sft_epochs: int = 3
-    sft_lr: float = 2e-3
-    batch_size: int = 16  # trajectories per micro-batch
+    sft_epochs: int = 4
+    pretrain_epochs: int = 2  # tiny preset only: next-token epochs on every token first (its "pretraining")
+    sft_lr: float = 3e-3
+    batch_size: int = 8  # trajectories per micro-batch
     grad_accum: int = 1
     warmup: float = 0.05  # fraction of steps with linear warmup, then cosine to 10%
     weight_decay: float = 0.0
@@ -326,14 +327,15 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return out
 
 
-def collate(examples, pad_id: int, device):
-    """Right-padded (B, T) tokens and (B, T) bool target mask (padding and prompts are not targets)."""
+def collate(examples, pad_id: int, device, all_tokens: bool = False):
+    """Right-padded (B, T) tokens and (B, T) bool target mask: the assistant tokens, or with
+    all_tokens every real token (next-token pretraining); padding is never a target."""
     T = max(len(ids) for ids, _ in examples)
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     tm = torch.zeros(len(examples), T, dtype=torch.bool)
     for b, (ids, mask) in enumerate(examples):
         x[b, : len(ids)] = torch.tensor(ids)
-        tm[b, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+        tm[b, : len(ids)] = True if all_tokens else torch.tensor(mask, dtype=torch.bool)
     tm[:, 0] = False
     return x.to(device), tm.to(device)
 
@@ -362,14 +364,20 @@ def autocast(device: torch.device, amp: str):
 
 def train_sft(cfg: Config) -> str:
     """Behaviour cloning; a checkpoint per epoch in <out>/sft (resumed if interrupted; returned at
-    once if already complete: the cached novice). Returns the checkpoint folder."""
+    once if already complete: the cached novice). Returns the checkpoint folder.
+
+    The tiny preset's model starts from random weights, so it first gets `pretrain_epochs` of
+    next-token loss on every token of the same trajectories (observations too): it stands in for
+    the language pretraining a real checkpoint brings. SFT proper is assistant tokens only."""
     seed_all(cfg.seed)
     records = expert_data(cfg)
     base = prepare_base(cfg, records)
     ckpt = os.path.join(cfg.out, "sft")
     state_path = os.path.join(ckpt, "trainer_state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
-    if state["epoch"] >= cfg.sft_epochs:
+    n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
+    n_epochs = n_pre + cfg.sft_epochs
+    if state["epoch"] >= n_epochs:
         print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
         return ckpt
     model, tok = load(ckpt if state["epoch"] else base, cfg)
@@ -377,7 +385,7 @@ def train_sft(cfg: Config) -> str:
     data = encode_records(tok, records, model.args.max_seq_len)
     n_batches = math.ceil(len(data) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total = steps_per_epoch * cfg.sft_epochs
+    total = steps_per_epoch * n_epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state["epoch"]:
         opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device))
@@ -385,12 +393,14 @@ def train_sft(cfg: Config) -> str:
     log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))
     step = state["step"]
     model.train()
-    for epoch in range(state["epoch"], cfg.sft_epochs):
+    for epoch in range(state["epoch"], n_epochs):
+        pre = epoch < n_pre
         batches = length_batches([len(d[0]) for d in data], cfg.batch_size, cfg.seed * 1000 + epoch)
-        bar = tqdm(range(n_batches), desc=f"sft epoch {epoch + 1}/{cfg.sft_epochs}", dynamic_ncols=True)
+        desc = f"{'pretrain' if pre else 'sft'} epoch {epoch + 1}/{n_epochs}"
+        bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True)
         t0, tokens = time.time(), 0
         for b in bar:
-            x, tm = collate([data[i] for i in batches[b]], tok.pad_id, device)
+            x, tm = collate([data[i] for i in batches[b]], tok.pad_id, device, all_tokens=pre)
             with autocast(device, cfg.amp):
                 loss = sft_loss(model, x, tm)
             (loss / cfg.grad_accum).backward()
@@ -406,10 +416,12 @@ def train_sft(cfg: Config) -> str:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 if step % 10 == 0:
                     log.f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gn.item()}) + "\n")
-        dev = evaluate(model, tok, cfg, "dev", cfg.n_dev, desc="sft dev")
+        speed = tokens / (time.time() - t0)
+        dev = {} if pre else evaluate(model, tok, cfg, "dev", cfg.n_dev, desc="sft dev")
         model.train()
-        log(event="sft_epoch", epoch=epoch + 1, step=step, loss=loss.item(), dev_success=dev["success_rate"],
-            dev_reward=dev["avg_reward"], tokens_per_s=tokens / (time.time() - t0))
+        log(event="pretrain_epoch" if pre else "sft_epoch", epoch=epoch + 1, step=step, loss=loss.item(),
+            **({} if pre else {"dev_success": dev["success_rate"], "dev_reward": dev["avg_reward"]}),
+            tokens_per_s=speed)
         M.save_model(model, tok, ckpt, extra={"trainer_state.json": {"epoch": epoch + 1, "step": step, "dev": dev},
                                               "optimizer.pt": opt.state_dict()})
     print(f"novice saved to {ckpt}")

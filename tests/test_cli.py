@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-MICRO = ["--env", "hotpotqa", "--n_train", "8", "--n_dev", "2", "--n_test", "3", "--sft_epochs", "1",
+MICRO = ["--env", "hotpotqa", "--n_train", "8", "--n_dev", "2", "--n_test", "3", "--sft_epochs", "1", "--pretrain_epochs", "1",
          "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300", "--max_new_tokens", "8",
          "--batch_size", "4", "--k", "2", "--eval_batch", "4"]
 
@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
 
 def test_sft_writes_checkpoint_metrics_and_eval(run_dir):
     state = json.load(open(os.path.join(run_dir, "sft", "trainer_state.json")))
-    assert state["epoch"] == 1 and state["step"] == 2  # 8 trajectories / batch 4
+    assert state["epoch"] == 2 and state["step"] == 4  # (1 pretrain + 1 SFT epoch) x 8 trajectories / batch 4
     assert os.path.exists(os.path.join(run_dir, "sft", "optimizer.pt"))
     summary = json.load(open(os.path.join(run_dir, "eval", "sft-test", "summary.json")))
     assert summary["n"] == 3 and 0.0 <= summary["avg_reward"] <= 1.0
