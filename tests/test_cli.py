@@ -68,3 +68,14 @@ def test_model_sample_command(run_dir):
     r = subprocess.run([sys.executable, "model.py", "sample", "--model", "/nonexistent", "--prompt", "x"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "config.json: missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sft_resumes_from_last_epoch_checkpoint(tmp_path):
+    out = str(tmp_path / "r")
+    run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1")
+    first = json.load(open(os.path.join(out, "sft", "trainer_state.json")))
+    stdout = run("stepagent.py", "sft", *MICRO[:MICRO.index("--sft_epochs")], "--sft_epochs", "2",
+                 *MICRO[MICRO.index("--sft_epochs") + 2:], "--out", out, "--n_test", "1")
+    assert "resuming SFT from" in stdout and f"after epoch {first['epoch']}" in stdout
+    state = json.load(open(os.path.join(out, "sft", "trainer_state.json")))
+    assert state["epoch"] == first["epoch"] + 1 and state["step"] == first["step"] + 2

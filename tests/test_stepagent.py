@@ -72,3 +72,29 @@ def test_packed_scoring_equals_separate_forwards(tiny):
     (e.sum() - c.sum()).backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_fit_context_drops_oldest_pairs_keeps_first_turn(tiny):
+    _, tok = tiny
+    full, _ = tok.encode_chat(CONV[:-1], add_generation_prompt=True)
+    assert S.fit_context(tok, CONV[:-1], len(full)) == full  # fits: unchanged
+    ids = S.fit_context(tok, CONV[:-1], len(full) - 5)
+    kept = CONV[:1] + CONV[3:-1]  # the first user turn stays; the oldest action/observation pair goes
+    assert ids == tok.encode_chat(kept, add_generation_prompt=True)[0]
+    tiny_budget = S.fit_context(tok, CONV[:-1], 40)
+    assert len(tiny_budget) == 40  # never longer than the budget, even when only the first turn is left
+
+
+def test_match_rates_and_length_batches():
+    steps = [{"step": 0, "agent": [{"match": True}, {"match": False}]},
+             {"step": 1, "agent": [{"match": False}, {"match": False}]},
+             {"step": 0, "agent": [{"match": True}, {"match": True}]}]
+    r = S.match_rates(steps)
+    assert r["all"] == 0.5 and r["by_step"] == {0: 0.75, 1: 0.0}
+    lengths = [5, 100, 7, 98, 6, 99, 50, 51]
+    b1 = S.length_batches(lengths, 2, seed=3)
+    assert b1 == S.length_batches(lengths, 2, seed=3) and sorted(i for b in b1 for i in b) == list(range(8))
+    # one window (8 <= 32 batches): cut in sorted order, so each batch holds neighbours by length
+    assert sorted(sorted(lengths[i] for i in b) for b in b1) == [[5, 6], [7, 50], [51, 98], [99, 100]]
+    assert abs(S.lr_at(0, 100, 0.1, 1.0) - 0.1) < 1e-9 and abs(S.lr_at(9, 100, 0.1, 1.0) - 1.0) < 1e-9
+    assert abs(S.lr_at(100, 100, 0.1, 1.0) - 0.1) < 1e-9  # cosine ends at lr/10
