@@ -53,7 +53,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # weights: fp32 | bf16 | fp16 (GPU training uses fp32 weights + bf16 autocast)
     n_train: int = 1000  # expert trajectories from the train split (the paper's expert data)
-    n_dev: int = 100  # dev tasks evaluated after each epoch / iteration
+    n_dev: int = 30  # dev tasks evaluated after each SFT epoch / iteration
     n_test: int = 200  # test tasks in the final evaluation
     split: str = "test"  # eval: which split
     # tiny preset (a from-scratch Llama on the env's own text)
