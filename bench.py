@@ -135,11 +135,7 @@ def tiny_model(tok: M.Tokenizer) -> M.Transformer:
     """The tiny preset's shape (stepagent.Config defaults), random weights: speed does not depend on them."""
     import stepagent as S
 
-    c = S.Config()
-    args = M.ModelArgs(vocab_size=tok.vocab_size, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
-                       n_kv_heads=c.n_heads, head_dim=c.dim // c.n_heads, intermediate_size=3 * c.dim,
-                       max_seq_len=4096, tie_embeddings=True)
-    return M.Transformer.from_args(args).eval()
+    return M.Transformer.from_args(S.tiny_args(S.Config(max_seq_len=4096), tok.vocab_size)).eval()
 
 
 def ten_step_trajectories(n: int) -> list[dict]:

@@ -116,9 +116,13 @@ class Log:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.f = open(path, "a")
 
-    def __call__(self, **kv):
+    def write(self, **kv):
+        """The JSON line only (per-step metrics; the progress bar shows them)."""
         self.f.write(json.dumps(kv) + "\n")
         self.f.flush()
+
+    def __call__(self, **kv):
+        self.write(**kv)
         tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kv.items()))
 
 
@@ -265,6 +269,13 @@ def expert_data(cfg: Config) -> list[dict]:
     return recs
 
 
+def tiny_args(cfg: Config, vocab_size: int) -> M.ModelArgs:
+    """The tiny preset's Llama shape: multi-head attention, SwiGLU width 3 * dim, tied embeddings."""
+    return M.ModelArgs(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       n_kv_heads=cfg.n_heads, head_dim=cfg.dim // cfg.n_heads, intermediate_size=cfg.dim * 3,
+                       max_seq_len=cfg.max_seq_len, tie_embeddings=True, rope_theta=10000.0)
+
+
 def prepare_base(cfg: Config, records: list[dict]) -> str:
     """The model SFT starts from: a folder in the Hugging Face layout."""
     if cfg.preset == "smollm2":
@@ -283,10 +294,7 @@ def prepare_base(cfg: Config, records: list[dict]) -> str:
     tok_dir = os.path.join(cfg.out, "tokenizer")
     texts = [c["value"] for r in records for c in r["conversations"]]
     tok = M.train_tokenizer(texts, cfg.vocab_size, tok_dir)
-    args = M.ModelArgs(vocab_size=tok.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       n_kv_heads=cfg.n_heads, head_dim=cfg.dim // cfg.n_heads, intermediate_size=cfg.dim * 3,
-                       max_seq_len=cfg.max_seq_len, tie_embeddings=True, rope_theta=10000.0)
-    model = M.Transformer.from_args(args, seed=cfg.seed)
+    model = M.Transformer.from_args(tiny_args(cfg, tok.vocab_size), seed=cfg.seed)
     M.save_model(model, tok, path)
     n = sum(p.numel() for p in model.parameters())
     print(f"tiny preset: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, saved to {path} (tokenizer from {tok_dir})")
@@ -415,7 +423,7 @@ def train_sft(cfg: Config) -> str:
                 step += 1
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 if step % 10 == 0:
-                    log.f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gn.item()}) + "\n")
+                    log.write(step=step, loss=loss.item(), lr=lr, grad_norm=gn.item())
         speed = tokens / (time.time() - t0)
         dev = {} if pre else evaluate(model, tok, cfg, "dev", cfg.n_dev, desc="sft dev")
         model.train()

@@ -113,12 +113,11 @@ def reflect(model, jobs, cfg: ImplicitConfig, opt, log: S.Log, iteration: int, s
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            log.f.write(S.json.dumps({
+            log.write(**{
                 "step": step, "iteration": iteration + 1, "losses/dpo": losses.mean().item(),
                 "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
                 "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracy": (r_c > r_r).float().mean().item(),
-                "logps/expert": pi_e.mean().item(), "pairs": len(losses), "grad_norm": gn.item()}) + "\n")
-            log.f.flush()
+                "logps/expert": pi_e.mean().item(), "pairs": len(losses), "grad_norm": gn.item()})
     return step
 
 

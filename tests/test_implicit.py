@@ -1,4 +1,5 @@
 """train_implicit.py: the step-DPO loss on hand-computed numbers, packed == naive, a smoke run."""
+import json
 import math
 import os
 import subprocess
@@ -62,7 +63,7 @@ def test_train_implicit_smoke(tmp_path):
     r = subprocess.run([sys.executable, "train_implicit.py", *micro], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| StepAgent-Implicit iter 2 |" in r.stdout and "| novice (SFT) |" in r.stdout
-    lines = [S.json.loads(x) for x in open(os.path.join(out, "implicit", "metrics.jsonl"))]
+    lines = [json.loads(x) for x in open(os.path.join(out, "implicit", "metrics.jsonl"))]
     updates = [x for x in lines if "losses/dpo" in x]
     assert updates and all(x["pairs"] > 0 for x in updates)
     assert abs(updates[0]["losses/dpo"] - math.log(2)) < 1e-3  # first update: pi == pi_ref
