@@ -226,9 +226,56 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        if slots.dim() == 2:  # (B, T): each row writes to its own slots (ChatCache: slot = position)
+            idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, idx, k)
+            self.v.scatter_(2, idx, v)
+        else:
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
         return self.k, self.v
+
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over existing tensors (row compaction in `decode` then rebinds this object only)."""
+        c = cls.__new__(cls)
+        nn.Module.__init__(c)
+        c.register_buffer("k", k, persistent=False)
+        c.register_buffer("v", v, persistent=False)
+        return c
+
+
+class ChatCache:
+    """Keys/values kept across `generate` calls, one row per conversation (multi-turn rollouts).
+
+    Row r holds the keys/values of `ids[r]` at slots 0..len-1 (slot = position). `generate(...,
+    cache=)` compares each new prompt with its row's ids, keeps the longest common prefix and
+    prefills only the rest, so a turn costs its new observation, not the whole conversation again.
+    Tokens generated in a call are not kept (the next prompt re-encodes the turn as the chat holds
+    it, which is what makes the reuse exact). Capacity grows in blocks of 256 slots."""
+
+    def __init__(self, model: "Transformer", rows: int):
+        self.model, self.ids, self.kv = model, [[] for _ in range(rows)], None
+
+    def reserve(self, slots: int) -> list[KVCache]:
+        a, m = self.model.args, self.model
+        have = 0 if self.kv is None else self.kv[0].k.shape[2]
+        if slots > have:
+            slots = -(-slots // 256) * 256
+            new = [KVCache(len(self.ids), slots, a.n_kv_heads, a.head_dim, m.dtype, m.device) for _ in range(a.n_layers)]
+            for n, o in zip(new, self.kv or []):
+                n.k[:, :, :have], n.v[:, :, :have] = o.k, o.v
+            self.kv = new
+        return [KVCache.of(c.k, c.v) for c in self.kv]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep these rows only, in this order (conversations that ended leave the batch)."""
+        if rows == list(range(len(self.ids))):
+            return
+        self.ids = [self.ids[r] for r in rows]
+        if self.kv is not None:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.kv[0].k.device)
+            self.kv = [KVCache.of(c.k[idx], c.v[idx]) for c in self.kv]
 
 
 class PrefixKVCache(KVCache):
@@ -770,7 +817,7 @@ def decode_one_token(model: Transformer, token, input_pos, mask, slot) -> torch.
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
              stop_ids: list[int] | None = None, tokenizer: Tokenizer | None = None,
-             generator: torch.Generator | None = None, on_token=None):
+             generator: torch.Generator | None = None, on_token=None, cache: ChatCache | None = None):
     """Sample continuations of many prompts at once; returns (ids, logprobs), one list per prompt.
 
     Prompts may have different lengths: they are left-aligned to a common end (padding slots are
@@ -779,13 +826,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     eos) or once its decoded text contains a stop string (the token completing it is kept); rows
     that are done leave the batch, and the call ends when all are done. The log-probs are the
     model's own (temperature 1) for each returned token, what the RL losses need as log pi_old.
-    `on_token(row, token)` is called for every kept token (streaming).
+    `on_token(row, token)` is called for every kept token (streaming). With `cache` (a ChatCache
+    with one row per prompt), each row's tokens already in the cache are reused (see ChatCache).
     """
     dev, B = model.device, len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     if (lens == 0).any():
         raise ValueError("empty prompt: every prompt needs at least one token")
     P = int(lens.max())
+    if cache is not None:
+        return _generate_cached(model, prompts, cache, max_new_tokens, temperature, top_p, top_k, stop, stop_ids,
+                                tokenizer, generator, on_token)
     S = P + max_new_tokens
     if S > model.args.max_seq_len:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the context "
@@ -810,19 +861,60 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         model.caches = None
 
 
-def decode(model: Transformer, logits, next_pos, valid, first_slot: int, max_new_tokens: int,
+def _generate_cached(model, prompts, cache, max_new_tokens, *decode_args):
+    """`generate` over a ChatCache: prefill each row's new tokens (right-padded) at slots = positions
+    after its reused prefix, then decode with every row writing to its own next slot."""
+    dev, B = model.device, len(prompts)
+    if B != len(cache.ids):
+        raise ValueError(f"the ChatCache has {len(cache.ids)} rows for {B} prompts (use ChatCache.keep)")
+    if max(len(p) for p in prompts) + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"prompt ({max(len(p) for p in prompts)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the context ({model.args.max_seq_len})")
+    start = []
+    for r, p in enumerate(prompts):  # reuse the longest common prefix, but prefill at least one token
+        old, n = cache.ids[r], 0
+        lim = min(len(p) - 1, len(old))
+        while n < lim and p[n] == old[n]:
+            n += 1
+        start.append(n)
+        cache.ids[r] = old[:n]  # slots from n on are about to be overwritten
+    new = [p[n:] for p, n in zip(prompts, start)]
+    T = max(len(x) for x in new)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+    for b, x in enumerate(new):
+        tokens[b, : len(x)] = torch.tensor(x, device=dev)
+    start_t = torch.tensor(start, device=dev)
+    n_new = torch.tensor([len(x) for x in new], device=dev)
+    pos = start_t[:, None] + torch.arange(T, device=dev)[None]  # (B, T); padding columns run past the row's end
+    W = int(start_t.max()) + T
+    mask = torch.arange(W, device=dev)[None, None] <= pos[:, :, None]  # (B, T, W) causal per row
+    model.caches = cache.reserve(W + max_new_tokens)
+    try:
+        with packed_weights(model):
+            h = model.hidden(tokens, pos, mask, pos)
+            logits = model.lm_head(h[torch.arange(B, device=dev), n_new - 1])
+            for r, p in enumerate(prompts):
+                cache.ids[r] = list(p)
+            return decode(model, logits, start_t + n_new, None, None, max_new_tokens, *decode_args)
+    finally:
+        model.caches = None
+
+
+def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, max_new_tokens: int,
            temperature=0.0, top_p=1.0, top_k=0, stop=None, stop_ids=None, tokenizer=None, generator=None,
            on_token=None):
     """The decoding loop under caches already filled: logits (B, V) give each row's first new
     token; next_pos (B,) its position; valid (B, S) the cache slots each row may attend to; new
-    tokens go to slots first_slot, first_slot + 1, ... Shared by `generate` and the prefix-shared
-    practice sampler in stepagent.py. Returns (ids, logprobs) per row, as `generate`."""
+    tokens go to slots first_slot, first_slot + 1, ... With first_slot None (ChatCache), each row's
+    token goes to the slot of its own position and attends to the slots up to it (valid unused).
+    Shared by `generate` and the prefix-shared practice sampler in stepagent.py. Returns (ids,
+    logprobs) per row, as `generate`."""
     if stop_ids is None:
         stop_ids = tokenizer.stop_ids if tokenizer is not None else []
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode with")
     dev, B = logits.device, logits.shape[0]
-    slot = torch.arange(valid.shape[1], device=dev)
+    slot = torch.arange(model.caches[0].k.shape[2] if valid is None else valid.shape[1], device=dev)
     rows = list(range(B))  # original index of each live row
     out_ids, out_lp = [[] for _ in range(B)], [[] for _ in range(B)]
     stop_set = set(stop_ids)
@@ -830,12 +922,11 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int, max_new
         nxt = sample(logits, temperature, top_p, top_k, generator)  # (b,)
         lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
         keep = []
-        for j, r in enumerate(rows):
-            t = int(nxt[j])
+        for j, (r, t, lpj) in enumerate(zip(rows, nxt.tolist(), lp.tolist())):  # one sync, not one per row
             done = t in stop_set
             if not done:
                 out_ids[r].append(t)
-                out_lp[r].append(float(lp[j]))
+                out_lp[r].append(lpj)
                 if on_token:
                     on_token(r, t)
                 if stop:
@@ -848,14 +939,21 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int, max_new
         if len(keep) < len(rows):  # drop finished rows from the batch and the caches
             idx = torch.tensor(keep, device=dev)
             rows = [rows[j] for j in keep]
-            nxt, next_pos, valid = nxt[idx], next_pos[idx], valid[idx]
+            nxt, next_pos = nxt[idx], next_pos[idx]
+            valid = None if valid is None else valid[idx]
+            # slots still needed: per-row mode up to the furthest position left, else all
+            w = int(next_pos.max()) + max_new_tokens - i if first_slot is None else valid.shape[1]
             for c in model.caches:
-                c.k, c.v = c.k[idx], c.v[idx]
+                c.k, c.v = c.k[idx, :, :w], c.v[idx, :, :w]
                 if getattr(c, "prefix", None) is not None:
                     c.prefix = (*c.prefix[:2], c.prefix[2][idx])
-        cur = first_slot + i  # slot of the token just sampled
-        m = valid[:, None, : cur + 1]  # (b, 1, cur+1)
-        logits = decode_one_token(model, nxt[:, None], next_pos[:, None], m, slot[cur:cur + 1])
+        if first_slot is None:  # per-row slots = positions
+            m = (slot[None, : int(next_pos.max()) + 1] <= next_pos[:, None])[:, None]  # (b, 1, w)
+            logits = decode_one_token(model, nxt[:, None], next_pos[:, None], m, next_pos[:, None])
+        else:
+            cur = first_slot + i  # slot of the token just sampled
+            m = valid[:, None, : cur + 1]  # (b, 1, cur+1)
+            logits = decode_one_token(model, nxt[:, None], next_pos[:, None], m, slot[cur:cur + 1])
         next_pos = next_pos + 1
     return out_ids, out_lp
 

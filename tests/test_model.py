@@ -124,6 +124,36 @@ def test_kv_cached_greedy_equals_full_forwards_and_ragged_batch(tiny):
         assert torch.allclose(scored, torch.tensor(lp), atol=1e-5)
 
 
+def test_chat_cache_reuses_turns_and_equals_fresh_prefill(tiny):
+    """Multi-turn generation through a ChatCache equals a fresh prefill of every prompt: growing
+    conversations, an edit in the middle (reuse only up to it), rows leaving, early stops."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda n: torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    convs = [rnd(n) for n in (5, 37, 12, 60, 21)]
+    cache, rows = M.ChatCache(model, 5), list(range(5))
+    for turn in range(4):
+        fresh, fresh_lp = M.generate(model, convs, 10, stop_ids=[7, 9])
+        kept = [list(c) for c in cache.ids]
+        got, got_lp = M.generate(model, convs, 10, stop_ids=[7, 9], cache=cache)
+        assert got == fresh
+        for a, b in zip(got_lp, fresh_lp):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+        assert cache.ids == convs  # the cache now holds exactly the prompts
+        if turn:  # the previous prompt was a prefix of this one except where edited
+            assert all(len(k) > 0 for k in kept)
+        convs = [c + o + rnd(3 + 7 * r) for r, (c, o) in enumerate(zip(convs, got))]
+        if turn == 1:
+            convs[1] = convs[1][:4] + convs[1][9:]  # dropped turns, as fit_context does
+        if turn == 2:
+            rows = [0, 2, 4]
+            cache.keep(rows)
+            convs = [convs[r] for r in rows]
+    assert len(cache.ids) == 3
+    with pytest.raises(ValueError, match="ChatCache has 3 rows for 2 prompts"):
+        M.generate(model, convs[:2], 4, cache=cache)
+
+
 def test_stop_ids_strings_and_early_finish(tiny):
     model, tok = tiny
     p = tok.encode("Thought: I need")
