@@ -81,6 +81,9 @@ class Config:
     temperature: float = 1.0  # practice sampling temperature
     top_p: float = 1.0
     n_inspect: int = 0  # expert trajectories inspected per iteration (0 = all n_train)
+    # the reflection loop (train_implicit.py, train_irl.py)
+    iterations: int = 2  # inspection -> reflection -> evaluation rounds
+    save_every: int = 20  # optimiser steps between mid-reflection checkpoints (0: end of reflection only)
 
 
 def parse_config(cls, argv: list[str]):
@@ -623,6 +626,151 @@ def score_naive(model, traj, spans, cands):
     e = torch.stack([one(traj[:s], traj[s:t]) for s, t in spans])
     c = torch.stack([one(traj[:spans[t][0]], ids) for t, ids in cands]) if cands else torch.zeros(0)
     return e, c
+
+
+# ----------------------------------------------------------------------------- the reflection loop
+
+
+class Method:
+    """What a reflection strategy gives `train_iterations` (train_implicit.py, train_irl.py):
+
+    name     the run folder <out>/<name> and the table's row label
+    lr       the policy optimiser's learning rate
+    collect(model, tok, it, generator) -> data
+             this iteration's experience (inspection, or rollouts for the baselines) with whatever
+             must be computed under the iteration's starting policy (pi_ref, pi_old); picklable,
+             cached in <run>/collect-<it>.pt so a resumed iteration trains on the same data
+    n_updates(data) -> number of optimiser steps this iteration
+    update(model, opt, data, b, it) -> metrics dict: the b-th update (forward, backward, step)
+    state_dict() / load_state_dict(d): training state beyond the policy and its optimiser
+             (train_irl.py's discriminator and its optimiser)
+    """
+
+    name, lr = "method", 1e-4
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+
+# changing these between a run and its resumption is harmless; anything else is a different run
+RESUMABLE = {"n_test", "n_dev", "device", "eval_batch", "iterations", "split", "model", "save_every"}
+
+
+def _check_run_config(run: str, cfg) -> None:
+    path = os.path.join(run, "config.json")
+    now = dataclasses.asdict(cfg)
+    if os.path.exists(path):
+        old = json.load(open(path))
+        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
+        if diff:
+            k = diff[0]
+            sys.exit(f"error: {run} holds a run with --{k} {old.get(k)!r}, not {now[k]!r}; "
+                     f"rerun with the same options to resume, or choose another --out")
+    envs.write_json(path, now)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop per-step metric lines past the checkpoint (a killed run wrote them; the resumed run
+    writes them again), so the file reads as one uninterrupted run."""
+    if os.path.exists(path):
+        lines = [x for x in open(path) if json.loads(x).get("step", 0) <= step]
+        envs.atomic_write(path, "".join(lines))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cached_evaluate(get_model, cfg: Config, split: str, n: int, out_dir: str, desc: str) -> dict:
+    """evaluate(), unless out_dir already holds a summary of the same split, size and seed."""
+    path = os.path.join(out_dir, "summary.json")
+    if os.path.exists(path):
+        s = json.load(open(path))
+        if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, cfg.seed):
+            return s
+    model, tok = get_model()
+    return evaluate(model, tok, cfg, split, n, out_dir, desc=desc)
+
+
+def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str, dict]]:
+    """The StepAgent loop, shared by both reflection strategies and their baselines:
+
+        novice (SFT, cached) -> for it in 1..I: collect -> reflect -> dev + test evaluation -> checkpoint
+
+    Files in <out>/<method.name>: metrics.jsonl (one line per optimiser step, plus iteration events),
+    collect-<it>.pt, eval-iter<it>-{dev,test}/ (summary.json, trajectories.json), iter<it>/ (the
+    policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
+    written every save_every steps). Rerunning the same command after a crash or kill -9 resumes
+    from last/ and ends with the same numbers as an uninterrupted run. Returns the table rows."""
+    seed_all(cfg.seed)
+    novice = train_sft(cfg)
+    run = os.path.join(cfg.out, method.name)
+    _check_run_config(run, cfg)
+    table = [("novice (SFT)", cached_evaluate(lambda: load(novice, cfg), cfg, "test", cfg.n_test,
+                                              os.path.join(cfg.out, "eval", "sft-test"), "novice"))]
+    last, metrics = os.path.join(run, "last"), os.path.join(run, "metrics.jsonl")
+    resumed = os.path.exists(os.path.join(last, "trainer_state.json"))
+    model, tok = load(last if resumed else novice, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=method.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    state = {"iteration": 0, "batch": 0, "step": 0, "done": False}
+    if resumed:
+        state = json.load(open(os.path.join(last, "trainer_state.json")))
+        opt.load_state_dict(torch.load(os.path.join(last, "optimizer.pt"), map_location=model.device))
+        method.load_state_dict(torch.load(os.path.join(last, "method.pt"), map_location=model.device,
+                                          weights_only=False))
+        _truncate_log(metrics, state["step"])
+        where = "after its reflection" if state["done"] else f"after update {state['batch']}"
+        print(f"resuming {run}: iteration {state['iteration'] + 1}, {where}")
+    log = Log(metrics)
+
+    def save():
+        M.save_model(model, tok, last, extra={"trainer_state.json": state, "optimizer.pt": opt.state_dict(),
+                                              "method.pt": method.state_dict()})
+
+    for it in range(cfg.iterations):
+        if it > state["iteration"] or (it == state["iteration"] and not state["done"]):
+            path = os.path.join(run, f"collect-{it + 1}.pt")
+            if os.path.exists(path):
+                data = torch.load(path, weights_only=False)
+            else:
+                seed_all(cfg.seed * 1000 + it)
+                g = torch.Generator(device=model.device).manual_seed(cfg.seed * 1000 + it)
+                data = method.collect(model, tok, it, g)
+                atomic_torch_save(data, path)
+            n = method.n_updates(data)
+            first = state["batch"] if state["iteration"] == it else 0
+            model.train()
+            bar = tqdm(range(first, n), desc=f"reflect {it + 1}/{cfg.iterations}", dynamic_ncols=True)
+            for b in bar:
+                m = method.update(model, opt, data, b, it)
+                state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n}
+                log.write(step=state["step"], iteration=it + 1, **m)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(m.items())[:2]})
+                if b + 1 < n and cfg.save_every and (b + 1) % cfg.save_every == 0:
+                    save()
+            state = {**state, "iteration": it, "done": True}
+            save()
+        ckpt = os.path.join(run, f"iter{it + 1}")
+        get = lambda: (model, tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731  (an earlier iteration)
+        dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, os.path.join(run, f"eval-iter{it + 1}-dev"), "dev")
+        test = cached_evaluate(get, cfg, "test", cfg.n_test, os.path.join(run, f"eval-iter{it + 1}-test"), "test")
+        table.append((f"{title} iter {it + 1}", test))
+        if not os.path.exists(os.path.join(ckpt, "config.json")):
+            M.save_model(model, tok, ckpt)
+            log(event="iteration", iteration=it + 1, step=state["step"], dev_success=dev["success_rate"],
+                dev_reward=dev["avg_reward"], test_success=test["success_rate"], test_reward=test["avg_reward"])
+    print(f"\n{cfg.env}, seed {cfg.seed}, {cfg.n_test} test tasks")
+    print("| model | success | avg reward | avg steps |\n| --- | --- | --- | --- |")
+    for name, s in table:
+        print(f"| {name} | {s['success_rate']:.3f} | {s['avg_reward']:.3f} | {s['avg_steps']:.1f} |")
+    print(f"checkpoints (Hugging Face layout): {run}/iter<N>; evaluations: {run}/eval-iter<N>-test; "
+          f"per-step metrics: {metrics}")
+    return table
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,25 +1,32 @@
-"""StepAgent-Implicit: reflection by implicit-reward RL, i.e. step-level DPO (paper §3.3, first strategy).
+"""StepAgent-Implicit: reflection by implicit-reward RL, i.e. step-level DPO (paper §3.3, first
+strategy), and the trajectory-level ETO baseline (`--level trajectory`).
 
-For every expert state s_t that inspection found the novice deviating from, the expert's action a_t
-is preferred over each practised action b that did not match it:
+For every expert state s_t where inspection found the agent deviating, the expert's action a_t is
+preferred over each practised action b that did not match it:
 
     L = -log sigmoid( beta * [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] - beta * [log pi(b|s_t) - log pi_ref(b|s_t)] )
 
 (Rafailov et al. 2023, eq. 7, applied per step instead of per trajectory). The implicit step reward
 is r(s, a) = beta * log(pi(a|s) / pi_ref(a|s)); we log it for chosen and rejected actions. pi_ref is
-the policy at the start of each iteration, so its log-probs are computed once, before the first
-update, and no second model is kept. Every trajectory's pairs are scored in one packed forward
-(stepagent.score_packed, DESIGN §4).
+the policy at the start of each iteration: its log-probs are computed once, when the iteration's
+data is collected, so no second model is kept. Every trajectory's pairs are scored in one packed
+forward (stepagent.score_packed, DESIGN §4).
+
+ETO (Song et al. 2024), the sparse counterpart: the agent plays each train task once with sampling;
+every failed trajectory is the rejected side and the task's expert trajectory the chosen side of
+the same DPO loss, summed over all assistant tokens of each trajectory.
 
 Departures / choices: duplicate practices of one state count once; an optional NLL term on the
-expert actions (`--sft_coef`, default 0) keeps their likelihood from falling; beta 0.1 as in ETO.
+expert actions (`--sft_coef`, default 0) keeps their likelihood from falling; beta 0.1 as in ETO;
+a trajectory longer than the context is scored on its first max_seq_len tokens.
 
-    python train_implicit.py --iterations 2 --k 4
+    python train_implicit.py                          # the main job: tiny preset, webshop, 2 iterations
+    python train_implicit.py --level trajectory       # the ETO baseline, same budget
+    python train_implicit.py --iterations 3 --k 5 --beta 0.2 --out runs/webshop-b02
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -28,24 +35,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import envs
 import model as M
 import stepagent as S
 
 
 @dataclass
 class ImplicitConfig(S.Config):
-    out: str = "runs/webshop-tiny"
+    level: str = "step"  # step (StepAgent-Implicit) | trajectory (ETO)
     beta: float = 0.1  # DPO temperature (ETO's default)
     dpo_lr: float = 3e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
     dpo_epochs: int = 1  # passes over one iteration's pairs
-    iterations: int = 2  # inspection -> reflection -> evaluation rounds
     traj_batch: int = 8  # expert trajectories (all their pairs) per optimiser step
     sft_coef: float = 0.0  # weight of the NLL term on the expert actions
 
 
 def step_dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                   ref_rejected: torch.Tensor, beta: float):
-    """DPO loss per (state, expert action, agent action) pair.
+    """DPO loss (Rafailov et al. 2023, eq. 7) per (state, expert action, agent action) pair.
 
     All inputs (P,): summed action log-probs under the policy and the reference. Returns
     (losses (P,), chosen_rewards (P,), rejected_rewards (P,)), the rewards being the implicit
@@ -90,65 +97,141 @@ def pair_logps(scores, jobs):
     return torch.stack(ch), torch.stack(rj), torch.cat(ex)
 
 
-def reflect(model, jobs, cfg: ImplicitConfig, opt, log: S.Log, iteration: int, step: int) -> int:
-    """One iteration's step-DPO updates over all pairs; returns the global step count."""
-    with torch.no_grad(), S.autocast(model.device, cfg.amp):  # pi_ref = the policy now, before any update
-        ref = [S.score_packed(model, [S.pack_row(*j[:3])])[0] for j in tqdm(jobs, desc="reference", leave=False)]
-    n_batches = math.ceil(len(jobs) / cfg.traj_batch)
-    model.train()
-    for epoch in range(cfg.dpo_epochs):
-        order = list(range(len(jobs)))
-        random.Random(cfg.seed * 1000 + iteration * 10 + epoch).shuffle(order)
-        for b in tqdm(range(n_batches), desc=f"reflect {iteration + 1}", leave=False, dynamic_ncols=True):
-            idx = order[b * cfg.traj_batch:(b + 1) * cfg.traj_batch]
-            batch = [jobs[i] for i in idx]
-            with S.autocast(model.device, cfg.amp):
-                scores = S.score_packed(model, [S.pack_row(*j[:3]) for j in batch])
-            pi_c, pi_r, pi_e = pair_logps(scores, batch)
-            ref_c, ref_r, _ = (x.float() for x in pair_logps([ref[i] for i in idx], batch))
-            losses, r_c, r_r = step_dpo_loss(pi_c.float(), pi_r.float(), ref_c, ref_r, cfg.beta)
-            loss = losses.mean() - cfg.sft_coef * pi_e.float().mean()
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            log.write(**{
-                "step": step, "iteration": iteration + 1, "losses/dpo": losses.mean().item(),
-                "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-                "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracy": (r_c > r_r).float().mean().item(),
-                "logps/expert": pi_e.mean().item(), "pairs": len(losses), "grad_norm": gn.item()})
-    return step
+def pair_logps_naive(model, jobs):
+    """The reference for packed scoring: two forwards per pair, state + expert action and state +
+    agent action, as a per-pair DPO implementation would do. Returns (chosen, rejected)."""
+    def one(prefix, action):
+        x = torch.tensor(prefix + action, device=model.device)[None]
+        tm = torch.zeros_like(x, dtype=torch.bool)
+        tm[0, len(prefix):] = True
+        return M.token_logprobs(model, x, tm).sum()
+    ch, rj = [], []
+    for ids, spans, cands, pairs in jobs:
+        for t, j in pairs:
+            s, e = spans[t]
+            ch.append(one(ids[:s], ids[s:e]))
+            rj.append(one(ids[:s], cands[j][1]))
+    return torch.stack(ch), torch.stack(rj)
+
+
+def dpo_metrics(losses, r_c, r_r) -> dict:
+    return {"losses/dpo": losses.mean().item(), "rewards/chosen": r_c.mean().item(),
+            "rewards/rejected": r_r.mean().item(), "rewards/margins": (r_c - r_r).mean().item(),
+            "rewards/accuracy": (r_c > r_r).float().mean().item(), "pairs": len(losses)}
+
+
+class StepDPO(S.Method):
+    """StepAgent-Implicit: inspection, then step-level DPO on (expert action, unmatched practice)."""
+
+    name = "implicit"
+
+    def __init__(self, cfg: ImplicitConfig):
+        self.cfg, self.lr = cfg, cfg.dpo_lr
+
+    def records(self, it: int) -> list[dict]:
+        """The expert trajectories of iteration it: all, or a window of n_inspect moving each iteration."""
+        recs = S.expert_data(self.cfg)
+        n = self.cfg.n_inspect or len(recs)
+        lo = (it * n) % len(recs)
+        return (recs[lo:] + recs[:lo])[:n]
+
+    def collect(self, model, tok, it, g):
+        c = self.cfg
+        recs = self.records(it)
+        steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
+                          f"{c.out}/{self.name}/inspect-{it + 1}.jsonl", log=S.Log(f"{c.out}/{self.name}/metrics.jsonl"))
+        jobs = build_jobs(tok, recs, steps)
+        with torch.no_grad(), S.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
+            ref = [tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0])
+                   for j in tqdm(jobs, desc="reference log-probs", leave=False)]
+        return {"jobs": jobs, "ref": ref}
+
+    def n_updates(self, data) -> int:
+        return self.cfg.dpo_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
+
+    def batch(self, n_items: int, b: int, it: int) -> list[int]:
+        """Indices of update b: a fresh seeded shuffle per epoch, so a resumed run sees the same batches."""
+        per = math.ceil(n_items / self.cfg.traj_batch)
+        order = list(range(n_items))
+        random.Random(self.cfg.seed * 1000 + it * 10 + b // per).shuffle(order)
+        return order[(b % per) * self.cfg.traj_batch:(b % per + 1) * self.cfg.traj_batch]
+
+    def update(self, model, opt, data, b, it) -> dict:
+        c = self.cfg
+        idx = self.batch(len(data["jobs"]), b, it)
+        jobs = [data["jobs"][i] for i in idx]
+        with S.autocast(model.device, c.amp):
+            scores = S.score_packed(model, [S.pack_row(*j[:3]) for j in jobs])
+        pi_c, pi_r, pi_e = pair_logps(scores, jobs)
+        ref_c, ref_r, _ = (x.to(model.device) for x in pair_logps([data["ref"][i] for i in idx], jobs))
+        losses, r_c, r_r = step_dpo_loss(pi_c.float(), pi_r.float(), ref_c, ref_r, c.beta)
+        loss = losses.mean() - c.sft_coef * pi_e.float().mean()
+        return {**dpo_metrics(losses, r_c, r_r), "logps/expert": pi_e.mean().item(), **step(model, opt, loss, c)}
+
+
+def step(model, opt, loss, cfg) -> dict:
+    """backward, clip, optimiser step; returns the gradient norm."""
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"grad_norm": gn.item()}
+
+
+def encode_trajectory(tok, msgs: list[dict], max_len: int):
+    """(ids, assistant mask) of a whole conversation, cut to the context."""
+    ids, mask = tok.encode_chat(msgs)
+    return ids[:max_len], mask[:max_len]
+
+
+def trajectory_logps(model, encoded: list[tuple], pad_id: int) -> torch.Tensor:
+    """Summed log-probs of all assistant tokens of each encoded conversation (B,), one padded forward."""
+    x, tm = S.collate(encoded, pad_id, model.device)
+    return M.token_logprobs(model, x, tm).sum(-1)
+
+
+class TrajectoryDPO(StepDPO):
+    """ETO: DPO between the expert trajectory and the agent's failed trajectory of the same task."""
+
+    name = "eto"
+
+    def collect(self, model, tok, it, g):
+        c = self.cfg
+        recs = self.records(it)
+        by_id = {t.id: t for t in envs.make(c.env, "train", n=c.n_train, seed=c.seed)}
+        played = S.rollout(model, tok, c.env, [by_id[r["id"]] for r in recs], c.temperature, c.top_p,
+                           c.max_new_tokens, c.eval_batch, generator=g, desc=f"explore {it + 1}")
+        L = model.args.max_seq_len
+        pairs = [(encode_trajectory(tok, S.to_messages(e), L), encode_trajectory(tok, S.to_messages(p), L))
+                 for e, p in zip(recs, played) if p["reward"] < e["reward"]]
+        S.Log(f"{c.out}/{self.name}/metrics.jsonl")(
+            event="explore", iteration=it + 1, tasks=len(played), failed=len(pairs),
+            success=sum(p["success"] for p in played) / max(1, len(played)))
+        ref = []
+        with torch.no_grad(), S.autocast(model.device, c.amp):
+            for lo in tqdm(range(0, len(pairs), c.traj_batch), desc="reference log-probs", leave=False):
+                chunk = pairs[lo:lo + c.traj_batch]
+                lp = trajectory_logps(model, [p for pr in chunk for p in pr], tok.pad_id)
+                ref += lp.float().cpu().view(-1, 2).unbind(0)
+        return {"jobs": pairs, "ref": ref, "pad_id": tok.pad_id}
+
+    def update(self, model, opt, data, b, it) -> dict:
+        c = self.cfg
+        idx = self.batch(len(data["jobs"]), b, it)
+        with S.autocast(model.device, c.amp):
+            lp = trajectory_logps(model, [m for i in idx for m in data["jobs"][i]], data["pad_id"]).float().view(-1, 2)
+        ref = torch.stack([data["ref"][i] for i in idx]).to(model.device)
+        losses, r_c, r_r = step_dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], c.beta)
+        loss = losses.mean() - c.sft_coef * lp[:, 0].mean()
+        return {**dpo_metrics(losses, r_c, r_r), "logps/expert": lp[:, 0].mean().item(), **step(model, opt, loss, c)}
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(ImplicitConfig, sys.argv[1:] if argv is None else argv)
-    S.seed_all(cfg.seed)
-    novice = S.train_sft(cfg)
-    model, tok = S.load(novice, cfg)
-    records = S.expert_data(cfg)[: cfg.n_inspect or None]
-    run = os.path.join(cfg.out, "implicit")
-    log = S.Log(os.path.join(run, "metrics.jsonl"))
-    table = [("novice (SFT)", S.evaluate(model, tok, cfg, "test", cfg.n_test, os.path.join(run, "eval-novice")))]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dpo_lr, betas=(0.9, 0.95))
-    step = 0
-    for it in range(cfg.iterations):
-        g = torch.Generator(device=model.device).manual_seed(cfg.seed * 1000 + it)
-        steps = S.inspect(model, tok, records, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, g,
-                          os.path.join(run, f"inspect-{it + 1}.jsonl"), log=log)
-        jobs = build_jobs(tok, records, steps)
-        step = reflect(model, jobs, cfg, opt, log, it, step)
-        dev = S.evaluate(model, tok, cfg, "dev", cfg.n_dev, desc=f"iter {it + 1} dev")
-        test = S.evaluate(model, tok, cfg, "test", cfg.n_test, os.path.join(run, f"eval-iter{it + 1}"))
-        log(event="iteration", iteration=it + 1, step=step, pairs=sum(len(j[3]) for j in jobs),
-            dev_success=dev["success_rate"], test_success=test["success_rate"], test_reward=test["avg_reward"])
-        M.save_model(model, tok, os.path.join(run, f"iter{it + 1}"))
-        table.append((f"StepAgent-Implicit iter {it + 1}", test))
-    print(f"\n{cfg.env}, seed {cfg.seed}, {cfg.n_test} test tasks")
-    print("| model | success | avg reward |\n| --- | --- | --- |")
-    for name, s in table:
-        print(f"| {name} | {s['success_rate']:.3f} | {s['avg_reward']:.3f} |")
-    print(f"checkpoints and evaluations in {run}")
+    if cfg.level not in ("step", "trajectory"):
+        sys.exit(f"error: --level {cfg.level!r}: choose step (StepAgent-Implicit) or trajectory (ETO)")
+    method = StepDPO(cfg) if cfg.level == "step" else TrajectoryDPO(cfg)
+    S.train_iterations(cfg, method, "StepAgent-Implicit" if cfg.level == "step" else "ETO")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -54,17 +56,77 @@ def test_packed_loss_equals_naive_per_pair(tiny):  # noqa: F811
     assert (packed != math.log(2)).all()
 
 
+MICRO = ["--env", "hotpotqa", "--n_train", "6", "--n_dev", "2", "--n_test", "2", "--sft_epochs", "1",
+         "--pretrain_epochs", "1", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300",
+         "--max_new_tokens", "8", "--batch_size", "3", "--k", "2", "--iterations", "2", "--eval_batch", "3"]
+
+
+def _run(args, timeout=300):
+    r = subprocess.run([sys.executable, "train_implicit.py", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def _metrics(run):
+    return [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+
+
 def test_train_implicit_smoke(tmp_path):
     out = str(tmp_path / "run")
-    micro = ["--env", "hotpotqa", "--n_train", "6", "--n_dev", "2", "--n_test", "2", "--sft_epochs", "1",
-             "--pretrain_epochs", "1", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300",
-             "--max_new_tokens", "8", "--batch_size", "3", "--k", "2", "--iterations", "2", "--traj_batch", "3",
-             "--out", out]
-    r = subprocess.run([sys.executable, "train_implicit.py", *micro], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "| StepAgent-Implicit iter 2 |" in r.stdout and "| novice (SFT) |" in r.stdout
-    lines = [json.loads(x) for x in open(os.path.join(out, "implicit", "metrics.jsonl"))]
-    updates = [x for x in lines if "losses/dpo" in x]
+    stdout = _run([*MICRO, "--traj_batch", "3", "--out", out])
+    assert "| StepAgent-Implicit iter 2 |" in stdout and "| novice (SFT) |" in stdout
+    updates = [x for x in _metrics(os.path.join(out, "implicit")) if "losses/dpo" in x]
     assert updates and all(x["pairs"] > 0 for x in updates)
     assert abs(updates[0]["losses/dpo"] - math.log(2)) < 1e-3  # first update: pi == pi_ref
     assert os.path.exists(os.path.join(out, "implicit", "iter2", "model.safetensors"))
+    assert [x["iteration"] for x in _metrics(os.path.join(out, "implicit")) if x.get("event") == "iteration"] == [1, 2]
+    # a finished run rerun does nothing new and prints the same table
+    assert _run([*MICRO, "--traj_batch", "3", "--out", out]).split("\n| model")[1] == stdout.split("\n| model")[1]
+    # another option in the same folder is refused, not silently mixed in
+    r = subprocess.run([sys.executable, "train_implicit.py", *MICRO, "--traj_batch", "3", "--beta", "0.5", "--out", out],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--beta 0.1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eto_baseline_smoke(tmp_path):
+    out = str(tmp_path / "run")
+    stdout = _run([*MICRO, "--level", "trajectory", "--traj_batch", "2", "--out", out])
+    assert "| ETO iter 2 |" in stdout
+    lines = _metrics(os.path.join(out, "eto"))
+    explore = [x for x in lines if x.get("event") == "explore"]
+    assert len(explore) == 2 and all(x["tasks"] == 6 for x in explore)
+    updates = [x for x in lines if "losses/dpo" in x]
+    assert sum(x["pairs"] for x in updates if x["iteration"] == 1) == explore[0]["failed"] > 0
+    assert abs(updates[0]["losses/dpo"] - math.log(2)) < 1e-3
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+    """kill -9 in the middle of iteration 2's reflection, rerun: same metrics, table and weights."""
+    from safetensors.torch import load_file
+
+    args = [*MICRO, "--traj_batch", "1", "--dpo_epochs", "2", "--save_every", "2"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _run([*args, "--out", a])
+    p = subprocess.Popen([sys.executable, "train_implicit.py", *args, "--out", b],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(b, "implicit", "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if os.path.exists(metrics) and sum('"iteration": 2, "losses/dpo"' in x for x in open(metrics)) >= 3:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(b, "implicit", "iter2"))
+    stdout = _run([*args, "--out", b])
+    assert "resuming" in stdout and "iteration 2, after update" in stdout
+    ma, mb = _metrics(os.path.join(a, "implicit")), _metrics(os.path.join(b, "implicit"))
+    steps_a, steps_b = [x for x in ma if "losses/dpo" in x], [x for x in mb if "losses/dpo" in x]
+    assert [x["step"] for x in steps_a] == [x["step"] for x in steps_b] == list(range(1, len(steps_a) + 1))
+    for x, y in zip(steps_a, steps_b):
+        assert abs(x["losses/dpo"] - y["losses/dpo"]) < 1e-6 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+    sa, sb = (json.load(open(os.path.join(d, "implicit", "eval-iter2-test", "summary.json"))) for d in (a, b))
+    assert {k: v for k, v in sa.items() if k != "seconds"} == {k: v for k, v in sb.items() if k != "seconds"}
+    wa, wb = (load_file(os.path.join(d, "implicit", "iter2", "model.safetensors")) for d in (a, b))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert not all(torch.equal(wa[k], v) for k, v in load_file(os.path.join(a, "sft", "model.safetensors")).items())
