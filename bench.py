@@ -4,6 +4,7 @@
     python bench.py env        # built-in env step time and make() of 1,000 tasks
     python bench.py inspect    # prefix-shared practice sampling vs a fresh prefill per state
     python bench.py score      # packed scoring vs one forward per (state, action)
+    python bench.py dpo        # one packed step-DPO optimiser step vs the per-pair formulation
     python bench.py all        # everything above (the README's table)
 
 Options: --threads N (default 2, as CI's machine), --smollm2 DIR (converted checkpoint; converted on
@@ -218,9 +219,53 @@ def bench_score(a) -> None:
             row(name, "forward+backward" if grad else "forward", f"{t_p:.2f}", f"{t_n:.2f}", f"{t_n / t_p:.1f}x")
 
 
+def bench_dpo(a) -> None:
+    """One step-DPO optimiser step (forward, loss, backward, AdamW) on the same batch: packed rows
+    (train_implicit.reflect's path) vs two forwards per pair (the per-pair formulation)."""
+    import stepagent as S
+    import train_implicit as TI
+
+    print(f"\n## step-DPO optimiser step: {a.n_traj} trajectories x 10 states x K={a.k} rejected practices\n")
+    row("model", "pairs", "packed (s)", "per pair (s)", "speed-up", "loss packed", "loss per pair")
+    row(*["---"] * 7)
+    recs = ten_step_trajectories(a.n_traj)
+    import tempfile
+    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * 3, 2048, tempfile.mkdtemp())
+    model = tiny_model(tok).train()
+    ref_model = M.Transformer.from_args(model.args, seed=7).eval()  # any other policy as pi_ref
+    jobs = []
+    for r in recs:
+        ids, spans = S.turn_spans(tok, S.to_messages(r))
+        cands = [(t, S.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
+                 for t in range(len(spans)) for j in range(a.k)]
+        jobs.append((ids, spans, cands, [(t, i) for i, (t, _) in enumerate(cands)]))
+    with torch.no_grad():
+        ref = TI.pair_logps(S.score_packed(ref_model, [S.pack_row(*j[:3]) for j in jobs]), jobs)[:2]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = {}
+
+    def opt_step(name, logps):
+        def fn():
+            model.load_state_dict(state)  # every timed step starts from the same weights
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            loss = TI.step_dpo_loss(*logps(), *ref, 0.1)[0].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name] = loss.item()
+        return fn
+
+    packed = opt_step("packed", lambda: TI.pair_logps(S.score_packed(model, [S.pack_row(*j[:3]) for j in jobs]), jobs)[:2])
+    naive = opt_step("naive", lambda: TI.pair_logps_naive(model, jobs))
+    t_p, t_n = timeit(packed, a.repeat), timeit(naive, max(1, a.repeat - 1))
+    n_pairs = sum(len(j[3]) for j in jobs)
+    row("tiny preset (random init)", n_pairs, f"{t_p:.2f}", f"{t_n:.2f}", f"{t_n / t_p:.1f}x",
+        f"{losses['packed']:.6f}", f"{losses['naive']:.6f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -231,7 +276,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
-    for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score)):
+    for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
+                     ("dpo", bench_dpo)):
         if a.what in (name, "all"):
             fn(a)
 

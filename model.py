@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label value for tokens that carry no loss, everywhere in this project
 
 # ----------------------------------------------------------------------------- config
 

@@ -1,0 +1,232 @@
+"""train_irl.py: PPO / discriminator / reward / advantage numbers by hand, packed scoring against its
+references, D and the policy learning on a tiny model, smoke runs of both modes, kill -9 resume."""
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import stepagent as S
+import train_irl as TR
+from test_implicit import MICRO
+from test_stepagent import CONV, tiny  # noqa: F401  (fixture)
+
+
+def test_pg_loss_by_hand():
+    r = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 1.1])  # ratios pi / pi_old: above, below and inside 1 +- 0.2
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    per = [-1.2, 1.5, -0.5, 0.8, -1.1, 1.1]  # -min(r A, clip(r) A), worked out one by one
+    for i in range(6):
+        loss, clip = TR.pg_loss(r[i:i + 1].log(), torch.zeros(1), adv[i:i + 1], 0.2)
+        assert abs(loss.item() - per[i]) < 1e-6, i
+        assert clip.item() == (i < 4)
+    loss, clip = TR.pg_loss(r.log(), torch.zeros(6), adv, 0.2)
+    assert abs(loss.item() - sum(per) / 6) < 1e-6 and abs(clip.item() - 4 / 6) < 1e-6
+    # gradient: clipped terms carry none; inside the range d(-r A)/d log r = -r A
+    lp = r.log().requires_grad_()
+    TR.pg_loss(lp, torch.zeros(6), adv, 0.2)[0].backward()
+    assert torch.allclose(lp.grad, torch.tensor([0, 1.5, -0.5, 0, -1.1, 1.1]) / 6, atol=1e-6)
+    # per action vs per token: an action of two tokens, log-ratios 0.1 and 0.2
+    new, old, act, A = torch.tensor([0.1, 0.2, -1.0]), torch.zeros(3), torch.tensor([0, 0, 1]), torch.tensor([1.0, -1.0])
+    seq, _ = TR.ppo_loss(new, old, act, A, 0.5, token_level=False)
+    assert abs(seq.item() - (-math.exp(0.3) + 0.5) / 2) < 1e-6  # action 2: min(-exp(-1), -0.5) = -0.5
+    tokl, _ = TR.ppo_loss(new, old, act, A, 0.5, token_level=True)
+    assert abs(tokl.item() - (-math.exp(0.1) - math.exp(0.2) + 0.5) / 3) < 1e-6  # exp(-1) < 0.5: clipped at 0.5
+    # k3: 0 at equal log-probs, exp(d) - d - 1 otherwise
+    assert TR.kl_k3(torch.zeros(3), torch.zeros(3)).item() == 0
+    assert abs(TR.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() - math.exp(-1)) < 1e-6  # d = -1
+
+
+def test_group_advantages_rewards_and_disc_loss_by_hand():
+    r = torch.tensor([[1.0, 0.0], [2.0, 2.0], [3.0, 0.0]])
+    assert torch.equal(TR.group_advantages(r, std=False), torch.tensor([[0.5, -0.5], [0.0, 0.0], [1.5, -1.5]]))
+    a = TR.group_advantages(r, std=True)  # unbiased std: sqrt(0.5), 0, sqrt(4.5)
+    assert torch.allclose(a, torch.tensor([[1, -1], [0, 0], [1, -1]]) * math.sqrt(0.5), atol=1e-5)
+    k4 = TR.group_advantages(torch.tensor([[1.0, 2.0, 3.0, 6.0]]), std=False)
+    assert torch.equal(k4, torch.tensor([[-2.0, -1.0, 0.0, 3.0]]))
+    # the step rewards at D = sigmoid(1.5)
+    d = 1 / (1 + math.exp(-1.5))
+    z = torch.tensor([1.5])
+    assert abs(TR.step_reward(z, "logit").item() - (math.log(d) - math.log(1 - d))) < 1e-6
+    assert abs(TR.step_reward(z, "logd").item() - math.log(d)) < 1e-6
+    assert abs(TR.step_reward(z, "log1md").item() + math.log(1 - d)) < 1e-6
+    with pytest.raises(ValueError, match="--reward 'lgo'"):
+        TR.step_reward(z, "lgo")
+    # L_D / 2: log 2 at D = 1/2; expert logit 1 vs agent logits 0 and -2
+    assert abs(TR.disc_loss(torch.zeros(3), torch.zeros(5)).item() - math.log(2)) < 1e-6
+    want = 0.5 * (math.log(1 + math.exp(-1)) + 0.5 * (math.log(2) + math.log(1 + math.exp(-2))))
+    assert abs(TR.disc_loss(torch.tensor([1.0]), torch.tensor([0.0, -2.0])).item() - want) < 1e-6
+    acc = TR.disc_accuracy(torch.tensor([1.0, -1.0]), torch.tensor([0.5, -2.0, -1.0, -3.0]))
+    assert acc == {"disc/acc_expert": 0.5, "disc/acc_agent": 0.75}
+
+
+def _job(tok, texts_by_step):
+    ids, spans = S.turn_spans(tok, CONV)
+    return ids, spans, [(t, S.turn_ids(tok, x)) for t, xs in texts_by_step for x in xs]
+
+
+def test_packed_action_tokens_and_disc_logits_equal_separate_forwards(tiny):  # noqa: F811
+    model, tok = tiny
+    ids, spans, cands = _job(tok, [(0, ["Action: search[blue]", "Thought: hm\nAction: click[8]"]), (2, ["Action: click[9]"] * 2)])
+    rows = [S.pack_row(ids, spans, cands), S.pack_row(ids[:spans[1][1]], spans[:2], cands[:2])]  # the second one padded
+    with torch.no_grad():
+        lp, ent, act = TR.action_tokens(model, rows, own=False)
+        want = torch.cat([c for _, c in S.score_packed(model, rows)])
+        assert torch.allclose(torch.zeros(6).index_add(0, act, lp), want, atol=1e-5)
+        assert (ent > 0).all() and (ent < math.log(tok.vocab_size) + 1e-4).all()
+        lp, _, act = TR.action_tokens(model, rows, own=True)
+        assert torch.allclose(torch.zeros(6).index_add(0, act, lp), torch.cat([e for e, _ in S.score_packed(model, rows)]), atol=1e-5)
+        # D's logit = head(hidden at the action's last token) of state + action alone
+        head = torch.nn.Linear(model.args.dim, 1)
+        (e, c), (e2, c2) = TR.disc_logits(model, head, rows)
+        last = lambda x: head(model.hidden(torch.tensor(x)[None])[0, -1]).item()  # noqa: E731
+        assert torch.allclose(e, torch.tensor([last(ids[:b]) for _, b in spans]), atol=1e-5)
+        assert torch.allclose(c, torch.tensor([last(ids[:spans[t][0]] + x) for t, x in cands]), atol=1e-5)
+        assert torch.allclose(e2, e[:2], atol=1e-5) and torch.allclose(c2, c[:2], atol=1e-5)
+
+
+def test_discriminator_separates_expert_from_random_actions(tiny):  # noqa: F811
+    model, tok = tiny
+    rng = random.Random(0)
+    junk = lambda: "Action: " + "".join(rng.choice("abcdefgh []") for _ in range(rng.randint(3, 12)))  # noqa: E731
+    data = {"jobs": [_job(tok, [(t, [junk(), junk()]) for t in range(4)])]}
+    m = TR.Inverse(TR.IRLConfig(amp="none"))
+    m.disc, m.disc_opt = TR.build_discriminator(copy.deepcopy(model), lr=3e-3)
+    first = m.disc_step(data, [0])
+    assert abs(first["losses/disc"] - math.log(2)) < 1e-6  # zero head: D = 1/2
+    for _ in range(25):
+        last = m.disc_step(data, [0])
+    assert last["losses/disc"] < 0.3 and last["disc/acc_expert"] > 0.9 and last["disc/acc_agent"] > 0.9
+    with torch.no_grad():
+        (e, c), = TR.disc_logits(m.disc["body"], m.disc["head"], [S.pack_row(*data["jobs"][0])])
+    assert (e > 0).float().mean() > 0.9 and (c < 0).float().mean() > 0.9
+
+
+def test_policy_step_raises_the_better_practice(tiny):  # noqa: F811
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    job = _job(tok, [(1, ["Thought: B0A1 fits.\nAction: click[B0A1]", "Action: search[blue]"])])
+    row = S.pack_row(*job)
+    with torch.no_grad():
+        before = S.score_packed(model, [row])[0][1]
+        old = TR.action_tokens(model, [row], own=False)[0]
+    m = TR.Inverse(TR.IRLConfig(amp="none", k=2))
+    rewards = torch.tensor([1.0, 0.0])
+    m.adv = (0, [TR.group_advantages(rewards.view(1, 2), False).flatten()], [rewards])
+    out = m.pg_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), {"jobs": [job], "old": [old]}, [0])
+    assert out["policy/clip_frac"] == 0 and out["losses/kl"] == 0 and abs(out["losses/pg"]) < 1e-6  # rho = 1
+    assert out["actions"] == 2 and out["rewards/mean"] == 0.5 and out["policy/entropy"] > 0
+    with torch.no_grad():
+        after = S.score_packed(model, [row])[0][1]
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+# ----------------------------------------------------------------------------- runs
+
+BASE = [*MICRO, "--n_dev", "1", "--n_test", "1", "--n_inspect", "4"]  # the novice's options (stepagent.Config)
+ARGS = [*BASE, "--traj_batch", "1", "--save_every", "2"]
+
+
+def _run(args, timeout=300):
+    r = subprocess.run([sys.executable, "train_irl.py", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def _metrics(run):
+    return [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def novice(tmp_path_factory):
+    """One micro novice (base model, expert data, SFT, its test evaluation), copied into each run."""
+    out = str(tmp_path_factory.mktemp("novice"))
+    r = subprocess.run([sys.executable, "stepagent.py", "sft", *BASE, "--out", out], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def inverse_run(novice, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("inverse") / "run")
+    shutil.copytree(novice, out)
+    return out, _run([*ARGS, "--out", out])
+
+
+def test_inverse_smoke(inverse_run):
+    out, stdout = inverse_run
+    assert "| StepAgent-Inverse iter 2 |" in stdout and "| novice (SFT) |" in stdout
+    lines = _metrics(os.path.join(out, "inverse"))
+    disc = [x for x in lines if "losses/disc" in x]
+    pg = [x for x in lines if "losses/pg" in x]
+    assert [x["iteration"] for x in disc] == [x["iteration"] for x in pg] == [1] * 4 + [2] * 4  # 4 trajectories, batch 1
+    assert [x["step"] for x in lines if "step" in x and "event" not in x] == list(range(1, 17))
+    assert all({"disc/acc_expert", "disc/acc_agent", "disc/grad_norm"} <= set(x) for x in disc)
+    assert all({"losses/kl", "rewards/mean", "policy/clip_frac", "policy/entropy", "grad_norm"} <= set(x) for x in pg)
+    assert abs(disc[0]["losses/disc"] - math.log(2)) < 1e-6  # zero-initialised head
+    assert pg[0]["losses/kl"] == 0 and pg[0]["policy/clip_frac"] == 0  # first policy step: pi == pi_old
+    events = [x for x in lines if x.get("event") == "disc"]
+    assert [(x["iteration"], x["step"]) for x in events] == [(1, 5), (2, 13)]
+    assert all(0 <= x["acc_expert"] <= 1 and 0 <= x["acc_agent"] <= 1 for x in events)
+    assert len([x for x in lines if x.get("event") == "inspect"]) == 2
+    assert os.path.exists(os.path.join(out, "inverse", "iter2", "model.safetensors"))
+
+
+def test_outcome_ppo_smoke(novice, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(novice, out)
+    stdout = _run([*ARGS, "--reward", "outcome", "--n_inspect", "2", "--traj_batch", "2", "--eval_batch", "4", "--out", out])
+    assert "| PPO (outcome reward) iter 2 |" in stdout
+    lines = _metrics(os.path.join(out, "ppo-outcome"))
+    explore = [x for x in lines if x.get("event") == "explore"]
+    assert [x["rollouts"] for x in explore] == [4, 4]  # 2 tasks x K = 2
+    pg = [x for x in lines if "losses/pg" in x]
+    assert [x["iteration"] for x in pg] == [1, 1, 2, 2] and not any("losses/disc" in x for x in lines)
+    assert pg[0]["losses/kl"] == 0 and pg[0]["policy/clip_frac"] == 0
+    assert os.path.exists(os.path.join(out, "ppo-outcome", "iter2", "model.safetensors"))
+    r = subprocess.run([sys.executable, "train_irl.py", "--reward", "logitt"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--reward 'logitt'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(inverse_run, novice, tmp_path):
+    """kill -9 in the middle of iteration 2's policy steps, rerun: same metrics, D lines, table, weights."""
+    from safetensors.torch import load_file
+
+    a, b = inverse_run[0], str(tmp_path / "b")
+    shutil.copytree(novice, b)
+    p = subprocess.Popen([sys.executable, "train_irl.py", *ARGS, "--out", b], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    metrics = os.path.join(b, "inverse", "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if os.path.exists(metrics) and sum('"iteration": 2, "losses/pg"' in x for x in open(metrics)) >= 3:
+            os.kill(p.pid, signal.SIGKILL)  # past the save after policy step 2: resumes with rewards recomputed
+            break
+        time.sleep(0.005)
+    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(b, "inverse", "iter2"))
+    stdout = _run([*ARGS, "--out", b])
+    assert "resuming" in stdout and "iteration 2, after update" in stdout
+    ma, mb = _metrics(os.path.join(a, "inverse")), _metrics(os.path.join(b, "inverse"))
+    steps_a, steps_b = [x for x in ma if "event" not in x], [x for x in mb if "event" not in x]
+    assert [x["step"] for x in steps_a] == [x["step"] for x in steps_b] == list(range(1, 17))
+    for x, y in zip(steps_a, steps_b):
+        assert x.keys() == y.keys()
+        assert all(abs(x[k] - y[k]) < 1e-5 for k in x), (x, y)
+    ev = lambda m: [{k: v for k, v in x.items() if k != "seconds"} for x in m if x.get("event") in ("disc", "inspect")]  # noqa: E731
+    assert ev(ma) == ev(mb)
+    sa, sb = (json.load(open(os.path.join(d, "inverse", "eval-iter2-test", "summary.json"))) for d in (a, b))
+    assert {k: v for k, v in sa.items() if k != "seconds"} == {k: v for k, v in sb.items() if k != "seconds"}
+    wa, wb = (load_file(os.path.join(d, "inverse", "iter2", "model.safetensors")) for d in (a, b))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    da, db = (torch.load(os.path.join(d, "inverse", "last", "method.pt"), weights_only=False) for d in (a, b))
+    assert da["steps"] == db["steps"] == 16
+    assert all(torch.allclose(v, db["disc"][k], atol=1e-6) for k, v in da["disc"].items())

@@ -1,0 +1,354 @@
+"""StepAgent-Inverse: reflection by inverse RL, a discriminator's step reward and a policy gradient
+(paper §3.3, second strategy), and the outcome-reward PPO baseline (`--reward outcome`).
+
+Each iteration, after inspection (K practices b_t^1..K ~ pi(.|s_t) from every expert state):
+
+  1. the discriminator D(s, a) = sigmoid(f(s, a)), a copy of the novice with a scalar head on the
+     hidden state of the action's last (end-of-turn) token, takes `disc_epochs` passes of
+         L_D = -E_expert[log D(s, a_t)] - E_agent[log(1 - D(s, b))]          (GAIL's discriminator)
+     over the iteration's trajectories (every expert action against every practice);
+  2. D, now fixed, rewards every practice: r(s, b) = log D - log(1 - D) = f(s, b) (`--reward logit`,
+     AIRL's form), or log D (`logd`), or -log(1 - D) (`log1md`, GAIL's);
+  3. the policy takes `pg_epochs` passes of PPO (Schulman et al. 2017, L^CLIP, eq. 7) on its own
+     practices, the K practices of one state being each other's baseline, A_k = r_k - mean_j r_j
+     (as GRPO / RLOO), with a KL penalty to pi_ref:
+         L = -mean min(rho A, clip(rho, 1 - eps, 1 + eps) A) + kl_coef * KL(pi || pi_ref),
+     rho = pi(b|s) / pi_old(b|s) on the action's summed log-prob (per token with --token_level).
+D persists across iterations (GAIL/AIRL's alternation: D steps, then policy steps, every
+iteration); pi_old = pi_ref = the policy as the iteration starts, scored once when the data is
+collected. Proxies of the occupancy measures meeting (the paper's propositions): the expert-action
+match rate per step index (inspection's `event=inspect` line) and D's accuracy after its steps
+(`event=disc`), per iteration.
+
+Outcome-reward PPO, the sparse counterpart: K sampled rollouts of each train task from the start;
+the environment's final reward R, centred over the task's K rollouts, is the advantage of every
+action of the rollout; the same PPO loss and KL penalty, no discriminator.
+
+Choices: L_D is the mean of the expert and the agent terms, each a mean (balanced, although there
+are K practices per expert action); every practice counts, duplicates and matches included (the
+group needs K samples); the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
+per sampled token, averaged over tokens; `policy/entropy` is the exact entropy of the policy's
+next-token distribution, averaged over the sampled tokens; steps are passes over the data with
+`traj_batch` trajectories (all their practices, or K rollouts' worth of tasks) per update.
+A rollout is scored as re-tokenised text on its first max_seq_len tokens.
+
+    python train_irl.py                             # StepAgent-Inverse: tiny preset, webshop, 2 iterations
+    python train_irl.py --reward outcome            # the PPO baseline, same budget
+    python train_irl.py --reward log1md --adv_std true --out runs/webshop-gail
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs
+import stepagent as S
+import train_implicit as TI
+
+REWARDS = ("logit", "logd", "log1md")
+
+
+@dataclass
+class IRLConfig(S.Config):
+    reward: str = "logit"  # D's step reward: logit | logd | log1md (StepAgent-Inverse) | outcome (the PPO baseline)
+    disc_lr: float = 1e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
+    pg_lr: float = 1e-4  # the policy's; tiny preset
+    disc_epochs: int = 1  # discriminator passes over an iteration's trajectories
+    pg_epochs: int = 1  # policy passes over the same trajectories (PPO's epochs)
+    traj_batch: int = 8  # trajectories (with all their practices; outcome: rollouts) per update
+    clip_eps: float = 0.2  # PPO's ratio clip
+    kl_coef: float = 0.05  # weight of KL(pi || pi_ref)
+    adv_std: bool = False  # divide the group-centred advantages by the group's std
+    token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def disc_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor) -> torch.Tensor:
+    """L_D / 2 = mean(-log D(s, a_t)) / 2 + mean(-log(1 - D(s, b))) / 2 from D's logits, expert (E,)
+    labelled 1 and agent (N,) labelled 0, each set averaged on its own. Zero logits give log 2."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(expert_logits, torch.ones_like(expert_logits))
+                  + F.binary_cross_entropy_with_logits(agent_logits, torch.zeros_like(agent_logits)))
+
+
+def disc_accuracy(expert_logits: torch.Tensor, agent_logits: torch.Tensor) -> dict:
+    return {"disc/acc_expert": (expert_logits > 0).float().mean().item(),
+            "disc/acc_agent": (agent_logits < 0).float().mean().item()}
+
+
+def step_reward(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """r(s, b) from D's logit f: log D - log(1 - D) = f (logit), log D (logd), -log(1 - D) (log1md)."""
+    if kind == "logit":
+        return logits
+    if kind == "logd":
+        return F.logsigmoid(logits)
+    if kind == "log1md":
+        return -F.logsigmoid(-logits)
+    raise ValueError(f"--reward {kind!r}: choose {', '.join(REWARDS)} or outcome")
+
+
+def group_advantages(rewards: torch.Tensor, std: bool) -> torch.Tensor:
+    """A_k = r_k - mean_j r_j over each group's K samples, rewards (S, K) -> (S, K); with std, divided
+    by the group's (unbiased) std + 1e-6."""
+    a = rewards - rewards.mean(-1, keepdim=True)
+    return a / (rewards.std(-1, keepdim=True) + 1e-6) if std else a
+
+
+def pg_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_eps: float):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated: -mean min(rho A, clip(rho, 1-eps,
+    1+eps) A), rho = exp(logp_new - logp_old). All (N,): per action (summed log-probs) or per token.
+    Returns (loss, clip fraction: the share of |rho - 1| > eps)."""
+    ratio = (logp_new - logp_old).exp()
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+    return loss, ((ratio - 1).abs() > clip_eps).float().mean()
+
+
+def ppo_loss(lp: torch.Tensor, old: torch.Tensor, act: torch.Tensor, adv: torch.Tensor, clip_eps: float,
+             token_level: bool):
+    """pg_loss on token log-probs lp, old (N,) of actions act (N,) with advantages adv (A,): on each
+    action's summed log-prob, or with token_level per token, each token weighted by its action's A."""
+    if token_level:
+        return pg_loss(lp, old, adv[act], clip_eps)
+    n = len(adv)
+    return pg_loss(lp.new_zeros(n).index_add(0, act, lp), old.new_zeros(n).index_add(0, act, old), adv, clip_eps)
+
+
+def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) from the sampled tokens (N,): mean of exp(d) - d - 1, d = ref - new (k3, >= 0)."""
+    d = logp_ref - logp_new
+    return (d.exp() - d - 1).mean()
+
+
+# ----------------------------------------------------------------------------- packed forwards
+
+
+def pad_rows(rows: list[tuple], device):
+    """score_packed's batch of pack_row rows: tokens, positions, mask (padding sees itself only) and
+    predicting columns, right-padded to (B, N) / (B, N, N)."""
+    B, N = len(rows), max(len(r[0]) for r in rows)
+    tokens, pos, src = (torch.zeros(B, N, dtype=torch.long) for _ in range(3))
+    mask = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
+    for i, (t, p, m, _, s, _, _) in enumerate(rows):
+        n = len(t)
+        tokens[i, :n], pos[i, :n], mask[i, :n, :n], src[i, :n] = t, p, m, s
+    return tokens.to(device), pos.to(device), mask.to(device), src.clamp(min=0).to(device)
+
+
+def disc_logits(disc, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """D's logits f(s, a) of every expert action and candidate of packed rows, one forward: the head on
+    the backbone's hidden state at each action's last column (its end-of-turn token). Returns per row
+    (expert (T,), candidates (C,)) in fp32, as score_packed does for log-probs."""
+    tokens, pos, mask, _ = pad_rows(rows, disc.device)
+    h = disc.hidden(tokens, pos, mask)  # (B, N, dim)
+    out = []
+    for i, (*_, ecols, ccols) in enumerate(rows):
+        z = head(h[i, [e - 1 for _, e in ecols + ccols]]).float().squeeze(-1)  # (T + C,)
+        out.append((z[:len(ecols)], z[len(ecols):]))
+    return out
+
+
+def action_tokens(model, rows: list[tuple], own: bool):
+    """The policy on the tokens of every candidate of packed rows (own=True: of the trajectory's own
+    actions, pack_row's expert columns): log-probs (N,) with grad, the next-token distribution's
+    entropy (N,) without, and each token's action index (N,), actions numbered across rows in order.
+    score_packed's computation, kept per token."""
+    tokens, pos, mask, src = pad_rows(rows, model.device)
+    act = torch.full(tokens.shape, -1, dtype=torch.long)
+    n = 0
+    for i, (*_, ecols, ccols) in enumerate(rows):
+        for a, b in ecols if own else ccols:
+            act[i, a:b] = n
+            n += 1
+    b_idx, t_idx = (act >= 0).nonzero(as_tuple=True)
+    b_idx, t_idx = b_idx.to(model.device), t_idx.to(model.device)
+    h = model.hidden(tokens, pos, mask)  # (B, N, dim)
+    logp = model.lm_head(h[b_idx, src[b_idx, t_idx]]).float().log_softmax(-1)  # (N, V)
+    lp = logp.gather(-1, tokens[b_idx, t_idx, None]).squeeze(-1)
+    with torch.no_grad():
+        ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent, act.to(model.device)[b_idx, t_idx]
+
+
+def build_discriminator(backbone, lr: float):
+    """D = backbone + zero-initialised scalar head (D = 1/2 everywhere at first), and its AdamW."""
+    head = nn.Linear(backbone.args.dim, 1, device=backbone.device, dtype=backbone.dtype)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    disc = nn.ModuleDict({"body": backbone, "head": head})
+    return disc, torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+class Inverse(S.Method):
+    """StepAgent-Inverse: inspection -> D steps -> PPO steps on the practices, rewarded by D."""
+
+    name, own = "inverse", False  # own: the policy's actions are the rows' own turns (outcome), not candidates
+    records, batch = TI.StepDPO.records, TI.StepDPO.batch  # the same data window and batches as StepAgent-Implicit
+
+    def __init__(self, cfg: IRLConfig):
+        self.cfg, self.lr = cfg, cfg.pg_lr
+        self.disc = self.disc_opt = self._log = None  # D: built from the novice when first needed
+        self.steps = 0  # updates so far (= the trainer's step), so event lines drop out with a killed run's
+        self.adv = None  # (iteration, advantages, rewards) per trajectory, kept through the policy steps
+
+    def log(self, **kv):
+        self._log = self._log or S.Log(os.path.join(self.cfg.out, self.name, "metrics.jsonl"))
+        self._log(**kv)
+
+    def discriminator(self):
+        if self.disc is None:
+            self.disc, self.disc_opt = build_discriminator(S.load(os.path.join(self.cfg.out, "sft"), self.cfg)[0],
+                                                           self.cfg.disc_lr)
+        return self.disc
+
+    def state_dict(self) -> dict:
+        d = {"steps": self.steps}
+        if self.disc is not None:
+            d.update(disc=self.disc.state_dict(), disc_opt=self.disc_opt.state_dict())
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        self.steps = d["steps"]
+        if "disc" in d:
+            self.discriminator().load_state_dict(d["disc"])
+            self.disc_opt.load_state_dict(d["disc_opt"])
+
+    def collect(self, model, tok, it, g):
+        c = self.cfg
+        recs = self.records(it)
+        steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
+                          os.path.join(c.out, self.name, f"inspect-{it + 1}.jsonl"), log=self.log)
+        by_traj: dict[str, list[dict]] = {}
+        for s in steps:
+            by_traj.setdefault(s["traj_id"], []).append(s)
+        jobs = []  # (ids, spans, candidates): every practice of every inspected state, K per state in order
+        for rec in recs:
+            if rec["id"] in by_traj:
+                ids, spans = S.turn_spans(tok, S.to_messages(rec))
+                jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"])) for s in by_traj[rec["id"]]
+                                          for a in s["agent"]]))
+        return {"jobs": jobs, "old": self.old_logps(model, jobs)}
+
+    def old_logps(self, model, jobs) -> list[torch.Tensor]:
+        """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
+        with torch.no_grad(), S.autocast(model.device, self.cfg.amp):
+            return [action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu()
+                    for j in tqdm(jobs, desc="old log-probs", leave=False)]
+
+    def n_disc(self, data) -> int:
+        return self.cfg.disc_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
+
+    def n_updates(self, data) -> int:
+        return self.n_disc(data) + self.cfg.pg_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
+
+    def update(self, model, opt, data, b, it) -> dict:
+        """Update b < n_disc: a D step; then policy steps, with rewards from D as its steps left it
+        (computed at the first policy step, or again after a resume: D does not change meanwhile)."""
+        self.steps += 1
+        nd = self.n_disc(data)
+        if b < nd:
+            return self.disc_step(data, self.batch(len(data["jobs"]), b, it))
+        if self.adv is None or self.adv[0] != it:
+            self.adv = (it, *self.advantages(data, it, announce=b == nd))
+        return self.pg_step(model, opt, data, self.batch(len(data["jobs"]), b - nd, it))
+
+    def disc_step(self, data, idx: list[int]) -> dict:
+        c, disc = self.cfg, self.discriminator().train()
+        with S.autocast(disc["body"].device, c.amp):
+            out = disc_logits(disc["body"], disc["head"], [S.pack_row(*data["jobs"][i]) for i in idx])
+        e, a = torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
+        loss = disc_loss(e, a)
+        gn = TI.step(disc, self.disc_opt, loss, c)["grad_norm"]
+        return {"losses/disc": loss.item(), **disc_accuracy(e, a), "disc/grad_norm": gn}
+
+    def advantages(self, data, it: int, announce: bool):
+        """Per trajectory: group advantages (C,) and rewards (C,) of its practices under D."""
+        c, disc, jobs = self.cfg, self.discriminator(), data["jobs"]
+        es, cs = [], []
+        with torch.no_grad(), S.autocast(disc["body"].device, c.amp):
+            for lo in range(0, len(jobs), c.traj_batch):
+                for e, x in disc_logits(disc["body"], disc["head"], [S.pack_row(*j) for j in jobs[lo:lo + c.traj_batch]]):
+                    es.append(e.cpu())
+                    cs.append(x.cpu())
+        rewards = [step_reward(x, c.reward) for x in cs]
+        if announce:  # D's accuracy on this iteration's data after its steps: a convergence proxy
+            e, a = torch.cat(es), torch.cat(cs)
+            acc = disc_accuracy(e, a)
+            self.log(event="disc", iteration=it + 1, step=self.steps, acc_expert=acc["disc/acc_expert"],
+                     acc_agent=acc["disc/acc_agent"], loss=disc_loss(e, a).item(), reward=torch.cat(rewards).mean().item())
+        return [group_advantages(r.view(-1, c.k), c.adv_std).flatten() for r in rewards], rewards
+
+    def pg_step(self, model, opt, data, idx: list[int]) -> dict:
+        c = self.cfg
+        with S.autocast(model.device, c.amp):
+            lp, ent, act = action_tokens(model, [S.pack_row(*data["jobs"][i]) for i in idx], self.own)
+        old = torch.cat([data["old"][i] for i in idx]).to(model.device)
+        adv = torch.cat([self.adv[1][i] for i in idx]).to(model.device)
+        pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)
+        kl = kl_k3(lp, old)
+        m = {"losses/pg": pg.item(), "losses/kl": kl.item(), "rewards/mean": torch.cat([self.adv[2][i] for i in idx]).mean().item(),
+             "policy/clip_frac": clip.item(), "policy/entropy": ent.mean().item(), "actions": len(adv)}
+        return {**m, **TI.step(model, opt, pg + c.kl_coef * kl, c)}
+
+
+class Outcome(Inverse):
+    """PPO with the outcome reward only: K rollouts per task, the final reward on every action."""
+
+    name, own = "ppo-outcome", True
+
+    def collect(self, model, tok, it, g):
+        c = self.cfg
+        by_id = {t.id: t for t in envs.make(c.env, "train", n=c.n_train, seed=c.seed)}
+        tasks = [by_id[r["id"]] for r in self.records(it) for _ in range(c.k)]  # a task's K rollouts side by side
+        played = S.rollout(model, tok, c.env, tasks, c.temperature, c.top_p, c.max_new_tokens, c.eval_batch,
+                           generator=g, desc=f"explore {it + 1}")
+        R = torch.tensor([p["reward"] for p in played]).view(-1, c.k)  # (tasks, K)
+        A, L = group_advantages(R, c.adv_std).flatten(), model.args.max_seq_len
+        jobs, adv, rew = [], [], []
+        for p, a, r in zip(played, A, R.flatten()):
+            ids, spans = S.turn_spans(tok, S.to_messages(p))
+            spans = [sp for sp in spans if sp[1] <= L]  # cut to the context
+            if spans:
+                jobs.append((ids[:L], spans, []))
+                adv.append(a.repeat(len(spans)))
+                rew.append(r.repeat(len(spans)))
+        self.log(event="explore", iteration=it + 1, rollouts=len(played), reward=R.mean().item(),
+                 success=sum(p["success"] for p in played) / max(1, len(played)))
+        return {"jobs": jobs, "old": self.old_logps(model, jobs), "adv": adv, "reward": rew}
+
+    def n_disc(self, data) -> int:
+        return 0
+
+    def advantages(self, data, it, announce):
+        return data["adv"], data["reward"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = S.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
+    if cfg.reward not in (*REWARDS, "outcome"):
+        sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
+    if cfg.k < 2:
+        sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
+    for name in ("disc_epochs", "pg_epochs", "traj_batch"):
+        if getattr(cfg, name) < 1:
+            sys.exit(f"error: --{name} {getattr(cfg, name)}: must be at least 1")
+    if not 0 < cfg.clip_eps < 1:
+        sys.exit(f"error: --clip_eps {cfg.clip_eps}: must be in (0, 1)")
+    outcome = cfg.reward == "outcome"
+    S.train_iterations(cfg, Outcome(cfg) if outcome else Inverse(cfg),
+                       "PPO (outcome reward)" if outcome else "StepAgent-Inverse")
+
+
+if __name__ == "__main__":
+    main()
