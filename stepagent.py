@@ -53,8 +53,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # weights: fp32 | bf16 | fp16 (GPU training uses fp32 weights + bf16 autocast)
     n_train: int = 1000  # expert trajectories from the train split (the paper's expert data)
-    n_dev: int = 30  # dev tasks evaluated after each SFT epoch / iteration
-    n_test: int = 200  # test tasks in the final evaluation
+    n_dev: int = 20  # dev tasks evaluated after each SFT epoch / iteration
+    n_test: int = 100  # test tasks in each final evaluation (the results tables use 200+)
     split: str = "test"  # eval: which split
     # tiny preset (a from-scratch Llama on the env's own text)
     vocab_size: int = 2048
@@ -80,10 +80,11 @@ class Config:
     k: int = 4  # practice number K (IPR uses 5)
     temperature: float = 1.0  # practice sampling temperature
     top_p: float = 1.0
-    n_inspect: int = 0  # expert trajectories inspected per iteration (0 = all n_train)
+    n_inspect: int = 200  # expert trajectories inspected per iteration, a window moving each iteration (0 = all)
     # the reflection loop (train_implicit.py, train_irl.py)
     iterations: int = 2  # inspection -> reflection -> evaluation rounds
     save_every: int = 20  # optimiser steps between mid-reflection checkpoints (0: end of reflection only)
+    traj_batch: int = 8  # expert trajectories (with all their pairs / practices) or rollouts per update
 
 
 def parse_config(cls, argv: list[str]):
@@ -647,6 +648,24 @@ class Method:
     """
 
     name, lr = "method", 1e-4
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def records(self, it: int) -> list[dict]:
+        """The expert trajectories of iteration it: all, or a window of n_inspect moving each iteration."""
+        recs = expert_data(self.cfg)
+        n = self.cfg.n_inspect or len(recs)
+        lo = (it * n) % len(recs)
+        return (recs[lo:] + recs[:lo])[:n]
+
+    def batch(self, n_items: int, b: int, it: int) -> list[int]:
+        """Item indices of update b, traj_batch at a time: a fresh seeded shuffle per pass over the
+        items, so a resumed run sees the same batches."""
+        per = math.ceil(n_items / self.cfg.traj_batch)
+        order = list(range(n_items))
+        random.Random(self.cfg.seed * 1000 + it * 10 + b // per).shuffle(order)
+        return order[(b % per) * self.cfg.traj_batch:(b % per + 1) * self.cfg.traj_batch]
 
     def state_dict(self) -> dict:
         return {}

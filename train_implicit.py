@@ -27,7 +27,6 @@ a trajectory longer than the context is scored on its first max_seq_len tokens.
 from __future__ import annotations
 
 import math
-import random
 import sys
 from dataclasses import dataclass
 
@@ -46,7 +45,6 @@ class ImplicitConfig(S.Config):
     beta: float = 0.1  # DPO temperature (ETO's default)
     dpo_lr: float = 3e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
     dpo_epochs: int = 1  # passes over one iteration's pairs
-    traj_batch: int = 8  # expert trajectories (all their pairs) per optimiser step
     sft_coef: float = 0.0  # weight of the NLL term on the expert actions
 
 
@@ -126,14 +124,8 @@ class StepDPO(S.Method):
     name = "implicit"
 
     def __init__(self, cfg: ImplicitConfig):
-        self.cfg, self.lr = cfg, cfg.dpo_lr
-
-    def records(self, it: int) -> list[dict]:
-        """The expert trajectories of iteration it: all, or a window of n_inspect moving each iteration."""
-        recs = S.expert_data(self.cfg)
-        n = self.cfg.n_inspect or len(recs)
-        lo = (it * n) % len(recs)
-        return (recs[lo:] + recs[:lo])[:n]
+        super().__init__(cfg)
+        self.lr = cfg.dpo_lr
 
     def collect(self, model, tok, it, g):
         c = self.cfg
@@ -148,13 +140,6 @@ class StepDPO(S.Method):
 
     def n_updates(self, data) -> int:
         return self.cfg.dpo_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
-
-    def batch(self, n_items: int, b: int, it: int) -> list[int]:
-        """Indices of update b: a fresh seeded shuffle per epoch, so a resumed run sees the same batches."""
-        per = math.ceil(n_items / self.cfg.traj_batch)
-        order = list(range(n_items))
-        random.Random(self.cfg.seed * 1000 + it * 10 + b // per).shuffle(order)
-        return order[(b % per) * self.cfg.traj_batch:(b % per + 1) * self.cfg.traj_batch]
 
     def update(self, model, opt, data, b, it) -> dict:
         c = self.cfg

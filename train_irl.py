@@ -28,9 +28,10 @@ Choices: L_D is the mean of the expert and the agent terms, each a mean (balance
 are K practices per expert action); every practice counts, duplicates and matches included (the
 group needs K samples); the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
 per sampled token, averaged over tokens; `policy/entropy` is the exact entropy of the policy's
-next-token distribution, averaged over the sampled tokens; steps are passes over the data with
-`traj_batch` trajectories (all their practices, or K rollouts' worth of tasks) per update.
-A rollout is scored as re-tokenised text on its first max_seq_len tokens.
+next-token distribution, averaged over the sampled tokens; updates are passes over the iteration's
+data, `traj_batch` expert trajectories (with all their practices; outcome: rollouts) per update;
+log pi_old is scored per token by `action_tokens` (score_packed's computation, not the sampler's
+log-probs). A rollout is scored as re-tokenised text on its first max_seq_len tokens.
 
     python train_irl.py                             # StepAgent-Inverse: tiny preset, webshop, 2 iterations
     python train_irl.py --reward outcome            # the PPO baseline, same budget
@@ -57,12 +58,11 @@ REWARDS = ("logit", "logd", "log1md")
 
 @dataclass
 class IRLConfig(S.Config):
-    reward: str = "logit"  # D's step reward: logit | logd | log1md (StepAgent-Inverse) | outcome (the PPO baseline)
+    reward: str = "logit"  # D's step reward: logit | logd | log1md (StepAgent-Inverse) | outcome (PPO baseline)
     disc_lr: float = 1e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
     pg_lr: float = 1e-4  # the policy's; tiny preset
     disc_epochs: int = 1  # discriminator passes over an iteration's trajectories
     pg_epochs: int = 1  # policy passes over the same trajectories (PPO's epochs)
-    traj_batch: int = 8  # trajectories (with all their practices; outcome: rollouts) per update
     clip_eps: float = 0.2  # PPO's ratio clip
     kl_coef: float = 0.05  # weight of KL(pi || pi_ref)
     adv_std: bool = False  # divide the group-centred advantages by the group's std
@@ -143,12 +143,12 @@ def pad_rows(rows: list[tuple], device):
     return tokens.to(device), pos.to(device), mask.to(device), src.clamp(min=0).to(device)
 
 
-def disc_logits(disc, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def disc_logits(body, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """D's logits f(s, a) of every expert action and candidate of packed rows, one forward: the head on
     the backbone's hidden state at each action's last column (its end-of-turn token). Returns per row
     (expert (T,), candidates (C,)) in fp32, as score_packed does for log-probs."""
-    tokens, pos, mask, _ = pad_rows(rows, disc.device)
-    h = disc.hidden(tokens, pos, mask)  # (B, N, dim)
+    tokens, pos, mask, _ = pad_rows(rows, body.device)
+    h = body.hidden(tokens, pos, mask)  # (B, N, dim)
     out = []
     for i, (*_, ecols, ccols) in enumerate(rows):
         z = head(h[i, [e - 1 for _, e in ecols + ccols]]).float().squeeze(-1)  # (T + C,)
@@ -194,12 +194,12 @@ class Inverse(S.Method):
     """StepAgent-Inverse: inspection -> D steps -> PPO steps on the practices, rewarded by D."""
 
     name, own = "inverse", False  # own: the policy's actions are the rows' own turns (outcome), not candidates
-    records, batch = TI.StepDPO.records, TI.StepDPO.batch  # the same data window and batches as StepAgent-Implicit
 
     def __init__(self, cfg: IRLConfig):
-        self.cfg, self.lr = cfg, cfg.pg_lr
+        super().__init__(cfg)  # records(it), batch(): the same data window and batches as StepAgent-Implicit
+        self.lr = cfg.pg_lr
         self.disc = self.disc_opt = self._log = None  # D: built from the novice when first needed
-        self.steps = 0  # updates so far (= the trainer's step), so event lines drop out with a killed run's
+        self.steps = 0  # updates so far (= the trainer's step): a killed run's later event lines are dropped
         self.adv = None  # (iteration, advantages, rewards) per trajectory, kept through the policy steps
 
     def log(self, **kv):
@@ -208,8 +208,8 @@ class Inverse(S.Method):
 
     def discriminator(self):
         if self.disc is None:
-            self.disc, self.disc_opt = build_discriminator(S.load(os.path.join(self.cfg.out, "sft"), self.cfg)[0],
-                                                           self.cfg.disc_lr)
+            novice, _ = S.load(os.path.join(self.cfg.out, "sft"), self.cfg)
+            self.disc, self.disc_opt = build_discriminator(novice, self.cfg.disc_lr)
         return self.disc
 
     def state_dict(self) -> dict:
@@ -228,7 +228,8 @@ class Inverse(S.Method):
         c = self.cfg
         recs = self.records(it)
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
-                          os.path.join(c.out, self.name, f"inspect-{it + 1}.jsonl"), log=self.log)
+                          os.path.join(c.out, self.name, f"inspect-{it + 1}.jsonl"),
+                          log=lambda **kv: self.log(**kv, iteration=it + 1))
         by_traj: dict[str, list[dict]] = {}
         for s in steps:
             by_traj.setdefault(s["traj_id"], []).append(s)
@@ -249,7 +250,7 @@ class Inverse(S.Method):
     def n_disc(self, data) -> int:
         return self.cfg.disc_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
 
-    def n_updates(self, data) -> int:
+    def n_updates(self, data) -> int:  # disc_epochs passes for D, then pg_epochs for the policy
         return self.n_disc(data) + self.cfg.pg_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
 
     def update(self, model, opt, data, b, it) -> dict:
@@ -278,15 +279,15 @@ class Inverse(S.Method):
         es, cs = [], []
         with torch.no_grad(), S.autocast(disc["body"].device, c.amp):
             for lo in range(0, len(jobs), c.traj_batch):
-                for e, x in disc_logits(disc["body"], disc["head"], [S.pack_row(*j) for j in jobs[lo:lo + c.traj_batch]]):
+                rows = [S.pack_row(*j) for j in jobs[lo:lo + c.traj_batch]]
+                for e, x in disc_logits(disc["body"], disc["head"], rows):
                     es.append(e.cpu())
                     cs.append(x.cpu())
         rewards = [step_reward(x, c.reward) for x in cs]
         if announce:  # D's accuracy on this iteration's data after its steps: a convergence proxy
             e, a = torch.cat(es), torch.cat(cs)
-            acc = disc_accuracy(e, a)
-            self.log(event="disc", iteration=it + 1, step=self.steps, acc_expert=acc["disc/acc_expert"],
-                     acc_agent=acc["disc/acc_agent"], loss=disc_loss(e, a).item(), reward=torch.cat(rewards).mean().item())
+            self.log(event="disc", iteration=it + 1, step=self.steps, **disc_accuracy(e, a),
+                     **{"losses/disc": disc_loss(e, a).item(), "rewards/mean": torch.cat(rewards).mean().item()})
         return [group_advantages(r.view(-1, c.k), c.adv_std).flatten() for r in rewards], rewards
 
     def pg_step(self, model, opt, data, idx: list[int]) -> dict:
@@ -297,8 +298,9 @@ class Inverse(S.Method):
         adv = torch.cat([self.adv[1][i] for i in idx]).to(model.device)
         pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)
         kl = kl_k3(lp, old)
-        m = {"losses/pg": pg.item(), "losses/kl": kl.item(), "rewards/mean": torch.cat([self.adv[2][i] for i in idx]).mean().item(),
-             "policy/clip_frac": clip.item(), "policy/entropy": ent.mean().item(), "actions": len(adv)}
+        reward = torch.cat([self.adv[2][i] for i in idx]).mean().item()
+        m = {"losses/pg": pg.item(), "losses/kl": kl.item(), "rewards/mean": reward, "policy/clip_frac": clip.item(),
+             "policy/entropy": ent.mean().item(), "actions": len(adv)}
         return {**m, **TI.step(model, opt, pg + c.kl_coef * kl, c)}
 
 
