@@ -5,6 +5,7 @@
     python bench.py inspect    # prefix-shared practice sampling vs a fresh prefill per state
     python bench.py score      # packed scoring vs one forward per (state, action)
     python bench.py dpo        # one packed step-DPO optimiser step vs the per-pair formulation
+    python bench.py rollout    # multi-turn rollouts with keys/values kept across turns vs re-prefilled
     python bench.py all        # everything above (the README's table)
 
 Options: --threads N (default 2, as CI's machine), --smollm2 DIR (converted checkpoint; converted on
@@ -219,6 +220,33 @@ def bench_score(a) -> None:
             row(name, "forward+backward" if grad else "forward", f"{t_p:.2f}", f"{t_n:.2f}", f"{t_n / t_p:.1f}x")
 
 
+def bench_rollout(a) -> None:
+    """Greedy webshop rollouts of a random tiny-preset model (every task runs to the step limit with
+    long contexts, a weak novice's worst case): keys/values kept across turns vs re-prefilled."""
+    import stepagent as S
+
+    n = 16
+    print(f"\n## rollouts: {n} webshop test tasks in lockstep, greedy, tiny preset (random init)\n")
+    row("what", "ChatCache (s)", "re-prefill every turn (s)", "speed-up", "same trajectories")
+    row(*["---"] * 5)
+    env = envs.load_env("webshop")
+    tasks = envs.make("webshop", "test", n=n, seed=0)
+    recs = [envs.run_expert(env, t) for t in envs.make("webshop", "train", n=200, seed=0)]
+    import tempfile
+    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]], 2048, tempfile.mkdtemp())
+    model = tiny_model(tok)
+    out = {}
+
+    def play(reuse):
+        def fn():
+            out[reuse] = S.rollout(model, tok, "webshop", tasks, max_new_tokens=32, batch=n, reuse_cache=reuse)
+        return fn
+
+    t_c, t_n = timeit(play(True), max(1, a.repeat - 2)), timeit(play(False), max(1, a.repeat - 2))
+    same = [r["conversations"] for r in out[True]] == [r["conversations"] for r in out[False]]
+    row("rollout to the step limit", f"{t_c:.2f}", f"{t_n:.2f}", f"{t_n / t_c:.1f}x", "yes" if same else "NO")
+
+
 def bench_dpo(a) -> None:
     """One step-DPO optimiser step (forward, loss, backward, AdamW) on the same batch: packed rows
     (train_implicit.reflect's path) vs two forwards per pair (the per-pair formulation)."""
@@ -265,7 +293,7 @@ def bench_dpo(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "rollout", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -277,7 +305,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
-                     ("dpo", bench_dpo)):
+                     ("dpo", bench_dpo), ("rollout", bench_rollout)):
         if a.what in (name, "all"):
             fn(a)
 

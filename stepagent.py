@@ -183,11 +183,12 @@ def clean_turn(text: str) -> str:
 
 def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[envs.Task], temperature=0.0,
             top_p=1.0, max_new_tokens=64, batch=64, generator=None, one_shot: list[dict] | None = None,
-            desc="rollout", env_kwargs: dict | None = None) -> list[dict]:
+            desc="rollout", env_kwargs: dict | None = None, reuse_cache: bool = True) -> list[dict]:
     """Play tasks in lockstep, one batched `generate` per step for every live task (`batch` at a
     time; env objects are reused, which matters for the JVM-backed real envs). Each task's keys and
-    values stay cached between its turns (model.ChatCache). Returns one ETO record per task with
-    reward, success and steps added."""
+    values stay cached between its turns (model.ChatCache; reuse_cache=False re-prefills every turn,
+    the reference bench.py compares with). Returns one ETO record per task with reward, success and
+    steps added."""
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
     pool = [envs.load_env(env_name, **(env_kwargs or {})) for _ in range(min(batch, len(tasks)))]
@@ -198,7 +199,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
             first = env.reset(tasks[i])  # (some envs set max_steps per task here)
             msgs = [{"role": "user", "content": f"{envs.instruction(env)}\n\n{first}"}]
             live.append({"i": i, "env": env, "msgs": msgs, "reward": 0.0, "steps": 0})
-        cache = M.ChatCache(model, len(live))  # each turn prefills only its new tokens
+        cache = M.ChatCache(model, len(live)) if reuse_cache else None  # each turn prefills only its new tokens
         while live:
             prompts = [fit_context(tok, (one_shot or []) + s["msgs"], budget) for s in live]
             outs, _ = M.generate(model, prompts, max_new_tokens, temperature, top_p, tokenizer=tok,
@@ -214,7 +215,8 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
                     _finish(results, s, tasks, bar)
                 else:
                     still.append(s)
-            cache.keep([j for j, s in enumerate(live) if any(s is x for x in still)])
+            if cache is not None:
+                cache.keep([j for j, s in enumerate(live) if any(s is x for x in still)])
             live = still
     for env in pool:
         getattr(env, "close", lambda: None)()
