@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Config:
     warmup: float = 0.05  # fraction of steps with linear warmup, then cosine to 10%
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    rename_ids: bool = False  # SFT: rename the env's opaque IDs (webshop product IDs) afresh per trajectory and epoch
     amp: str = "bf16"  # training forward/backward under bf16 autocast (CPU too: ~1.5x on AVX512-BF16) | none
     # acting
     max_new_tokens: int = 64  # per turn
@@ -344,6 +346,25 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return out
 
 
+def rename_ids(record: dict, pattern: str, rng: random.Random) -> dict:
+    """A copy of an expert trajectory with every opaque identifier (a match of `pattern`, e.g. a
+    webshop product ID) renamed to a fresh random one of the same shape, consistently within the
+    trajectory. Training on renamed IDs leaves copying them from the page as the only way to
+    predict them; memorising the train catalogue's IDs no longer pays."""
+    names: dict[str, str] = {}
+
+    def new(m):
+        old = m.group(0)
+        if old not in names:
+            names[old] = old[:2] + "".join(rng.choice(_ID_CHARS) for _ in old[2:])
+        return names[old]
+    conv = [{**c, "value": re.sub(pattern, new, c["value"])} for c in record["conversations"]]
+    return {**record, "conversations": conv}
+
+
+_ID_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"
+
+
 def collate(examples, pad_id: int, device, all_tokens: bool = False):
     """Right-padded (B, T) tokens and (B, T) bool target mask: the assistant tokens, or with
     all_tokens every real token (next-token pretraining); padding is never a target."""
@@ -399,7 +420,13 @@ def train_sft(cfg: Config) -> str:
         return ckpt
     model, tok = load(ckpt if state["epoch"] else base, cfg)
     device = model.device
-    data = encode_records(tok, records, model.args.max_seq_len)
+    pattern = getattr(envs.load_env(cfg.env), "opaque_ids", None) if cfg.rename_ids else None
+
+    def epoch_data(epoch: int):  # renamed IDs are drawn per trajectory and epoch (seeded: resumable)
+        recs = records if not pattern else [rename_ids(r, pattern, random.Random(f"{cfg.seed}-{epoch}-{i}"))
+                                            for i, r in enumerate(records)]
+        return encode_records(tok, recs, model.args.max_seq_len)
+    data = epoch_data(state["epoch"])
     n_batches = math.ceil(len(data) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total = steps_per_epoch * n_epochs
@@ -412,6 +439,8 @@ def train_sft(cfg: Config) -> str:
     model.train()
     for epoch in range(state["epoch"], n_epochs):
         pre = epoch < n_pre
+        if pattern and epoch != state["epoch"]:
+            data = epoch_data(epoch)
         batches = length_batches([len(d[0]) for d in data], cfg.batch_size, cfg.seed * 1000 + epoch)
         desc = f"{'pretrain' if pre else 'sft'} epoch {epoch + 1}/{n_epochs}"
         bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True)

@@ -98,3 +98,29 @@ def test_match_rates_and_length_batches():
     assert sorted(sorted(lengths[i] for i in b) for b in b1) == [[5, 6], [7, 50], [51, 98], [99, 100]]
     assert abs(S.lr_at(0, 100, 0.1, 1.0) - 0.1) < 1e-9 and abs(S.lr_at(9, 100, 0.1, 1.0) - 1.0) < 1e-9
     assert abs(S.lr_at(100, 100, 0.1, 1.0) - 0.1) < 1e-9  # cosine ends at lr/10
+
+
+def test_rename_ids_is_consistent_within_a_trajectory_and_leaves_the_rest():
+    import random
+    import re
+
+    import envs
+
+    pattern = envs.load_env("webshop").opaque_ids
+    rec = envs.run_expert(envs.load_env("webshop"), envs.make("webshop", "train", n=1, seed=0)[0])
+    old_ids = {m for c in rec["conversations"] for m in re.findall(pattern, c["value"])}
+    assert len(old_ids) >= 5  # a results page lists several products
+    a = S.rename_ids(rec, pattern, random.Random(1))
+    b = S.rename_ids(rec, pattern, random.Random(1))
+    assert a == b and a != S.rename_ids(rec, pattern, random.Random(2))  # seeded
+    mapping = {}
+    for c_old, c_new in zip(rec["conversations"], a["conversations"]):
+        olds, news = re.findall(pattern, c_old["value"]), re.findall(pattern, c_new["value"])
+        assert len(olds) == len(news)
+        for o, n in zip(olds, news):
+            assert mapping.setdefault(o, n) == n  # the same product keeps one new name everywhere
+        assert re.sub(pattern, "ID", c_old["value"]) == re.sub(pattern, "ID", c_new["value"])  # nothing else changes
+    assert len(set(mapping.values())) == len(mapping) and not set(mapping.values()) & old_ids
+    # the expert's clicked product is the one renamed on its results page
+    click = [c["value"] for c in a["conversations"] if c["from"] == "gpt" and "click[B0" in c["value"]][0]
+    assert re.search(pattern, click).group(0) in a["conversations"][2]["value"]
