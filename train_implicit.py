@@ -16,10 +16,11 @@ ETO (Song et al. 2024), the sparse counterpart: the agent plays each train task 
 every failed trajectory is the rejected side and the task's expert trajectory the chosen side of
 the same DPO loss, summed over all assistant tokens of each trajectory.
 
-Departures / choices: duplicate practices of one state count once; an NLL term on the expert
-actions (`--sft_coef`, default 1, as IPR adds an SFT loss to its step DPO) keeps their likelihood
-from falling with the rejected ones: with pure DPO (0) at lr 3e-4 the tiny novice's expert-action
-log-prob fell from -4.6 to -9.1 in 25 updates and its webshop test success from 10% to 0%; beta 0.1 as in ETO;
+Departures / choices: duplicate practices of one state count once; an optional NLL term on the
+expert actions (`--sft_coef`, default 0 = pure step DPO; IPR adds such an SFT loss) keeps their
+likelihood from falling with the rejected ones. Measured on the tiny webshop novice: pure DPO at
+lr 3e-4 drove the expert actions' log-prob from -4.6 to -9.1 in 25 updates and test success from 10%
+to 0%, hence the default lr 1e-4; with --sft_coef 1 the reward rose further (see the README); beta 0.1 as in ETO;
 a trajectory longer than the context is scored on its first max_seq_len tokens.
 
     python train_implicit.py                          # the main job: tiny preset, webshop, 2 iterations
@@ -47,7 +48,7 @@ class ImplicitConfig(S.Config):
     beta: float = 0.1  # DPO temperature (ETO's default)
     dpo_lr: float = 1e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
     dpo_epochs: int = 1  # passes over one iteration's pairs
-    sft_coef: float = 1.0  # weight of the NLL term on the expert actions (0: pure DPO; see the docstring)
+    sft_coef: float = 0.0  # weight of the NLL term on the expert actions (0: pure step DPO; see the docstring)
 
 
 def step_dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
