@@ -8,6 +8,8 @@ Paper parts (Deng et al., arXiv 2411.03817, "From Novice to Expert"):
   * the step-level scoring that both reflection strategies (train_implicit.py, train_irl.py) build
     on: log pi(a_t|s_t) and log pi(b|s_t) for every expert action and practice in one forward
     per trajectory                                                                          `score_packed`
+  * the iterations, for i in 1..I: inspection -> reflection -> evaluation -> checkpoint, shared by
+    both strategies and their baselines, resumable after a kill                      `train_iterations`
 
 Departures: the paper does not fix how a practice is compared with the expert; we parse the
 `Action:` line of both and compare after normalising case, whitespace and brackets
