@@ -274,6 +274,8 @@ def expert_data(cfg: Config) -> list[dict]:
         return envs.load_trajectories(path)
     env = envs.load_env(cfg.env)
     tasks = envs.make(cfg.env, "train", n=cfg.n_train, seed=cfg.seed)
+    if len(tasks) < cfg.n_train:
+        print(f"note: --n_train {cfg.n_train}: {cfg.env}'s train split has {len(tasks)} tasks; using all of them")
     recs = [envs.run_expert(env, t) for t in tqdm(tasks, desc="expert trajectories", leave=False)]
     bad = [r["id"] for r in recs if r["reward"] < 1.0]
     if bad:
