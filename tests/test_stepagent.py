@@ -124,3 +124,12 @@ def test_rename_ids_is_consistent_within_a_trajectory_and_leaves_the_rest():
     # the expert's clicked product is the one renamed on its results page
     click = [c["value"] for c in a["conversations"] if c["from"] == "gpt" and "click[B0" in c["value"]][0]
     assert re.search(pattern, click).group(0) in a["conversations"][2]["value"]
+
+
+def test_expert_data_says_when_the_train_split_is_smaller(tmp_path, capsys):
+    import envs
+
+    n_all = len(envs.make("household", "train", seed=0))
+    recs = S.expert_data(S.Config(env="household", n_train=n_all + 5, out=str(tmp_path)))
+    assert len(recs) == n_all and all(r["reward"] >= 1.0 for r in recs)
+    assert f"train split has {n_all} tasks" in capsys.readouterr().out
