@@ -208,8 +208,8 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
             prompts = [fit_context(tok, (one_shot or []) + s["msgs"], budget) for s in live]
             outs, _ = M.generate(model, prompts, max_new_tokens, temperature, top_p, tokenizer=tok,
                                  stop=STOP, generator=generator, cache=cache)
-            still = []
-            for s, out in zip(live, outs):
+            kept = []  # indices into live of the tasks still playing
+            for j, (s, out) in enumerate(zip(live, outs)):
                 turn = clean_turn(tok.decode(out))
                 obs, reward, done = s["env"].step(turn)
                 s["steps"] += 1
@@ -218,10 +218,10 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
                 if done or s["steps"] >= s["env"].max_steps:  # envs end at their limit; this is a guard
                     _finish(results, s, tasks, bar)
                 else:
-                    still.append(s)
+                    kept.append(j)
             if cache is not None:
-                cache.keep([j for j, s in enumerate(live) if any(s is x for x in still)])
-            live = still
+                cache.keep(kept)
+            live = [live[j] for j in kept]
     for env in pool:
         getattr(env, "close", lambda: None)()
     bar.close()
@@ -630,20 +630,24 @@ def pack_row(traj: list[int], spans: list[tuple[int, int]], cands: list[tuple[in
             expert_cols, cand_cols)
 
 
-def score_packed(model, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Summed log-probs of every expert action and every candidate, one forward for all rows
-    (right-padded to a common length). Returns per row (expert (T,), candidates (C,)), with grad."""
-    dev, N = model.device, max(len(r[0]) for r in rows)
-    B = len(rows)
-    tokens = torch.zeros(B, N, dtype=torch.long)
-    pos = torch.zeros(B, N, dtype=torch.long)
-    mask = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)  # padding sees itself only
+def pad_rows(rows: list[tuple], device):
+    """pack_row rows as one batch, right-padded to (B, N), in token_logprobs' argument order: tokens,
+    targets, positions, mask (B, N, N; padding sees itself only), predicting columns. score_packed
+    and train_irl's discriminator and per-token policy scoring share it."""
+    B, N = len(rows), max(len(r[0]) for r in rows)
+    tokens, pos, src = (torch.zeros(B, N, dtype=torch.long) for _ in range(3))
+    mask = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
     targets = torch.zeros(B, N, dtype=torch.bool)
-    src = torch.zeros(B, N, dtype=torch.long)
     for i, (t, p, m, tg, s, _, _) in enumerate(rows):
         n = len(t)
         tokens[i, :n], pos[i, :n], mask[i, :n, :n], targets[i, :n], src[i, :n] = t, p, m, tg, s
-    lp = M.token_logprobs(model, tokens.to(dev), targets.to(dev), pos.to(dev), mask.to(dev), src.clamp(min=0).to(dev))
+    return tokens.to(device), targets.to(device), pos.to(device), mask.to(device), src.clamp(min=0).to(device)
+
+
+def score_packed(model, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Summed log-probs of every expert action and every candidate, one forward for all rows
+    (right-padded to a common length). Returns per row (expert (T,), candidates (C,)), with grad."""
+    lp = M.token_logprobs(model, *pad_rows(rows, model.device))
     out = []
     for i, (_, _, _, _, _, ecols, ccols) in enumerate(rows):
         e = torch.stack([lp[i, a:b].sum() for a, b in ecols]) if ecols else lp.new_zeros(0)

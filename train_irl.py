@@ -131,23 +131,11 @@ def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- packed forwards
 
 
-def pad_rows(rows: list[tuple], device):
-    """score_packed's batch of pack_row rows: tokens, positions, mask (padding sees itself only) and
-    predicting columns, right-padded to (B, N) / (B, N, N)."""
-    B, N = len(rows), max(len(r[0]) for r in rows)
-    tokens, pos, src = (torch.zeros(B, N, dtype=torch.long) for _ in range(3))
-    mask = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
-    for i, (t, p, m, _, s, _, _) in enumerate(rows):
-        n = len(t)
-        tokens[i, :n], pos[i, :n], mask[i, :n, :n], src[i, :n] = t, p, m, s
-    return tokens.to(device), pos.to(device), mask.to(device), src.clamp(min=0).to(device)
-
-
 def disc_logits(body, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """D's logits f(s, a) of every expert action and candidate of packed rows, one forward: the head on
     the backbone's hidden state at each action's last column (its end-of-turn token). Returns per row
     (expert (T,), candidates (C,)) in fp32, as score_packed does for log-probs."""
-    tokens, pos, mask, _ = pad_rows(rows, body.device)
+    tokens, _, pos, mask, _ = S.pad_rows(rows, body.device)
     h = body.hidden(tokens, pos, mask)  # (B, N, dim)
     out = []
     for i, (*_, ecols, ccols) in enumerate(rows):
@@ -161,7 +149,7 @@ def action_tokens(model, rows: list[tuple], own: bool):
     actions, pack_row's expert columns): log-probs (N,) with grad, the next-token distribution's
     entropy (N,) without, and each token's action index (N,), actions numbered across rows in order.
     score_packed's computation, kept per token."""
-    tokens, pos, mask, src = pad_rows(rows, model.device)
+    tokens, _, pos, mask, src = S.pad_rows(rows, model.device)
     act = torch.full(tokens.shape, -1, dtype=torch.long)
     n = 0
     for i, (*_, ecols, ccols) in enumerate(rows):
