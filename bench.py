@@ -189,6 +189,19 @@ def bench_inspect(a) -> None:
         row(name, len(recs), f"{t_shared:.2f}", f"{t_naive:.2f}", f"{t_naive / t_shared:.1f}x")
 
 
+def score_jobs(tok, recs: list[dict], k: int) -> list[tuple]:
+    """(ids, spans, candidates) per trajectory: K made-up candidate actions for every state."""
+    import stepagent as S
+
+    jobs = []
+    for r in recs:
+        ids, spans = S.turn_spans(tok, S.to_messages(r))
+        cands = [(t, S.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
+                 for t in range(len(spans)) for j in range(k)]
+        jobs.append((ids, spans, cands))
+    return jobs
+
+
 def bench_score(a) -> None:
     import stepagent as S
 
@@ -196,12 +209,7 @@ def bench_score(a) -> None:
     row("model", "pass", "packed, one row per trajectory (s)", "separate forwards (s)", "speed-up")
     row(*["---"] * 5)
     for name, model, tok, recs in models_for_bench(a):
-        jobs = []
-        for r in recs:
-            ids, spans = S.turn_spans(tok, S.to_messages(r))
-            cands = [(t, S.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
-                     for t in range(len(spans)) for j in range(a.k)]
-            jobs.append((ids, spans, cands))
+        jobs = score_jobs(tok, recs, a.k)
         for grad in ((False, True) if name.startswith("tiny") else (False,)):  # SmolLM2 backward x50: >10 min
             def packed():
                 out = S.score_packed(model, [S.pack_row(*j) for j in jobs])
@@ -249,24 +257,17 @@ def bench_rollout(a) -> None:
 
 def bench_dpo(a) -> None:
     """One step-DPO optimiser step (forward, loss, backward, AdamW) on the same batch: packed rows
-    (train_implicit.reflect's path) vs two forwards per pair (the per-pair formulation)."""
+    (train_implicit.StepDPO.update's path) vs two forwards per pair (the per-pair formulation)."""
     import stepagent as S
     import train_implicit as TI
 
     print(f"\n## step-DPO optimiser step: {a.n_traj} trajectories x 10 states x K={a.k} rejected practices\n")
     row("model", "pairs", "packed (s)", "per pair (s)", "speed-up", "loss packed", "loss per pair")
     row(*["---"] * 7)
-    recs = ten_step_trajectories(a.n_traj)
-    import tempfile
-    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * 3, 2048, tempfile.mkdtemp())
-    model = tiny_model(tok).train()
+    _, model, tok, recs = next(models_for_bench(a))  # the tiny preset only
+    model.train()
     ref_model = M.Transformer.from_args(model.args, seed=7).eval()  # any other policy as pi_ref
-    jobs = []
-    for r in recs:
-        ids, spans = S.turn_spans(tok, S.to_messages(r))
-        cands = [(t, S.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
-                 for t in range(len(spans)) for j in range(a.k)]
-        jobs.append((ids, spans, cands, [(t, i) for i, (t, _) in enumerate(cands)]))
+    jobs = [(*j, [(t, i) for i, (t, _) in enumerate(j[2])]) for j in score_jobs(tok, recs, a.k)]  # all rejected
     with torch.no_grad():
         ref = TI.pair_logps(S.score_packed(ref_model, [S.pack_row(*j[:3]) for j in jobs]), jobs)[:2]
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -61,8 +61,8 @@ MICRO = ["--env", "hotpotqa", "--n_train", "6", "--n_dev", "2", "--n_test", "2",
          "--max_new_tokens", "8", "--batch_size", "3", "--k", "2", "--iterations", "2", "--eval_batch", "3"]
 
 
-def _run(args, timeout=300):
-    r = subprocess.run([sys.executable, "train_implicit.py", *args], capture_output=True, text=True, timeout=timeout)
+def _run(args, timeout=300, script="train_implicit.py"):
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 

@@ -17,7 +17,8 @@ import torch
 
 import stepagent as S
 import train_irl as TR
-from test_implicit import MICRO
+from test_implicit import MICRO, _metrics
+from test_implicit import _run as TI_run
 from test_stepagent import CONV, tiny  # noqa: F401  (fixture)
 
 
@@ -141,13 +142,7 @@ ARGS = [*BASE, "--traj_batch", "1", "--pg_epochs", "2", "--save_every", "2",  # 
 
 
 def _run(args, timeout=300):
-    r = subprocess.run([sys.executable, "train_irl.py", *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
-
-
-def _metrics(run):
-    return [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    return TI_run(args, timeout, script="train_irl.py")
 
 
 @pytest.fixture(scope="module")
