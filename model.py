@@ -588,10 +588,11 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
                    "{% endif %}")
 
 
-def train_tokenizer(texts, vocab_size: int, path: str) -> Tokenizer:
+def train_tokenizer(texts, vocab_size: int, path: str, whole: list[str] = ()) -> Tokenizer:
     """A byte-level BPE (GPT-2 style, as SmolLM2) trained on `texts`, with ChatML special tokens,
-    saved as tokenizer.json + tokenizer_config.json in `path`: the tiny preset's tokenizer."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    saved as tokenizer.json + tokenizer_config.json in `path`: the tiny preset's tokenizer.
+    Each string in `whole` (e.g. webshop product IDs) becomes one added token, on top of vocab_size."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk = HFTokenizer(models.BPE())
@@ -600,6 +601,7 @@ def train_tokenizer(texts, vocab_size: int, path: str) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(texts, trainer)
+    tk.add_tokens([AddedToken(w, normalized=False) for w in whole])
     os.makedirs(path, exist_ok=True)
     tk.save(os.path.join(path, "tokenizer.json"))
     cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",

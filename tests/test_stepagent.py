@@ -133,3 +133,24 @@ def test_expert_data_says_when_the_train_split_is_smaller(tmp_path, capsys):
     recs = S.expert_data(S.Config(env="household", n_train=n_all + 5, out=str(tmp_path)))
     assert len(recs) == n_all and all(r["reward"] >= 1.0 for r in recs)
     assert f"train split has {n_all} tasks" in capsys.readouterr().out
+
+
+def test_whole_ids_tokenizer_gives_one_token_per_seen_id(tmp_path):
+    texts = ["Observation: [SEP] B0BKKZV1PF [SEP] red shoes [SEP] $12.00 [SEP] B09P0RV4AN [SEP] blue",
+             "Thought: the first result fits.\nAction: click[B0BKKZV1PF]"] * 20
+    plain = M.train_tokenizer(texts, 300, str(tmp_path / "plain"))
+    whole = M.train_tokenizer(texts, 300, str(tmp_path / "whole"), ["B09P0RV4AN", "B0BKKZV1PF"])
+    assert len(plain.encode("B0BKKZV1PF")) > 1  # BPE alone splits an ID into pieces
+    assert whole.vocab_size == plain.vocab_size + 2
+    for s in ("click[B0BKKZV1PF]", " B09P0RV4AN [SEP]"):  # after "[" and after a space: the same one token
+        ids = whole.encode(s)
+        assert whole.decode(ids) == s
+        assert sum(whole.decode([i]).strip() in ("B0BKKZV1PF", "B09P0RV4AN") for i in ids) == 1
+    assert len(whole.encode("B0ZZZZZZZZ")) > 1  # an ID never seen is spelled out as before
+    reloaded = M.Tokenizer(str(tmp_path / "whole"))  # saved: the model folder carries it
+    assert reloaded.encode("click[B0BKKZV1PF]") == whole.encode("click[B0BKKZV1PF]")
+
+
+def test_rename_ids_with_whole_ids_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--whole_ids false"):
+        S.train_sft(S.Config(out=str(tmp_path), n_train=2, rename_ids=True))
