@@ -1,0 +1,480 @@
+"""The results tables and sweeps (RESULTS.md): every method on every built-in env, over seeds.
+
+    python results.py table                       # 3 envs x 3 seeds x 6 rows, 200 test + 200 test_unseen tasks
+    python results.py sweep --what iterations     # success against iterations 1-4 (webshop, hotpotqa)
+    python results.py sweep --what k              # ... against the practice number K = 1, 2, 4, 8
+    python results.py sweep --what size           # ... against the model size (tiny preset, dim 128, 256, 384)
+    python results.py report                      # rewrite RESULTS.md from what is on disk; trains nothing
+    python results.py table --envs hotpotqa --seeds 0 --n_test 50 --out runs/t50 --results runs/t50/RESULTS.md
+
+Options: --envs, --seeds, --out (default runs/table), --results (default RESULTS.md), the sweeps' --what,
+--ks, --dims, --sweep_methods, and every field of stepagent.Config, ImplicitConfig and IRLConfig as
+`--field value` (defaults as in train_implicit.py / train_irl.py, except --n_test 200).
+
+Rows: the novice (SFT); SFT-continued (below); ETO (`train_implicit.py --level trajectory`);
+outcome-reward PPO (`train_irl.py --reward outcome`); StepAgent-Implicit (`train_implicit.py`);
+StepAgent-Inverse (`train_irl.py`). Each (env, seed) is one folder <out>/<env>-seed<seed> holding one
+novice that all five methods start from; each method runs through stepagent.train_iterations with the
+config its own script would build, so <out>/hotpotqa-seed1/eto is what
+`python train_implicit.py --level trajectory --env hotpotqa --seed 1 --n_test 200 --out <out>/hotpotqa-seed1`
+makes. Every number is read back from a summary.json there; runs, evaluations and checkpoints are
+cached, so rerunning a command after an interruption continues and finished cells cost nothing.
+The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
+whose per-iteration success RESULTS.md shows too). Spread = the sample standard deviation over seeds
+(n - 1 in the denominator); a cell with one seed shows the value alone.
+
+Equal budgets. Every method sees the same data per iteration: the same window of n_inspect expert
+trajectories / train tasks (stepagent.Method.records) and K samples per state or task. SFT-continued
+is the novice trained on with the SFT loss (stepagent.sft_loss, assistant tokens) on traj_batch of
+those expert trajectories per update, for dpo_epochs * ceil(n_inspect / traj_batch) optimiser steps
+per iteration, at dpo_lr with the same optimiser: StepAgent-Implicit's step count (it skips
+trajectories whose practices all match the expert, so it may take fewer), so the two differ only in
+the loss. The other methods keep their scripts' own step counts (ETO: one update per traj_batch of its
+failed rollouts; StepAgent-Inverse: D steps, then as many policy steps; outcome PPO: one update per
+traj_batch of its K * n_inspect rollouts); the table's
+`updates` column shows what each actually took.
+
+Sweeps share the table's folders where they can, so run the commands one after another, not at once,
+and with the same training options and --n_test (a run folder refuses changed training options):
+`iterations` extends the table's implicit and inverse runs to --iterations (default 4); `k` adds runs
+named implicit-k<K> / inverse-k<K> beside the table's (K = the table's --k is the table's own run;
+K = 1 has no group baseline, so the inverse method and PPO skip it); `size` trains a novice and the methods per
+--dims value in <out>/dim<D>/ (the table's --dim is the table's own folder). Plots go to results/*.png
+beside RESULTS.md when matplotlib is installed (an optional extra: `pip install matplotlib`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+import envs
+import stepagent as S
+import train_implicit as TI
+import train_irl as TR
+
+
+@dataclass
+class TableConfig(TI.ImplicitConfig, TR.IRLConfig):
+    envs: str = "webshop,household,hotpotqa"  # comma-separated; the sweeps default to webshop,hotpotqa
+    seeds: str = "0,1,2"
+    out: str = "runs/table"  # one folder per (env, seed) below this
+    results: str = "RESULTS.md"  # the report; plots go to results/ beside it
+    n_test: int = 200  # test and test_unseen tasks per evaluation
+    what: str = "iterations"  # sweep: iterations | k | size
+    ks: str = "1,2,4,8"  # sweep k: practice numbers
+    dims: str = "128,256,384"  # sweep size: tiny-preset widths (n_layers and n_heads as given)
+    sweep_methods: str = "implicit,inverse"  # the methods a sweep runs (any of METHODS)
+
+
+class SFTContinued(S.Method):
+    """The SFT baseline at equal budget: the novice's SFT loss on traj_batch expert trajectories per
+    update, as many updates as StepAgent-Implicit may take per iteration (see the module docstring)."""
+
+    name = "sft-continued"
+
+    def __init__(self, cfg: TI.ImplicitConfig):
+        super().__init__(cfg)
+        self.lr = cfg.dpo_lr
+
+    def collect(self, model, tok, it, g):
+        recs = self.records(it)
+        return {"data": S.encode_records(tok, recs, model.args.max_seq_len), "n_records": len(recs), "pad_id": tok.pad_id}
+
+    def n_updates(self, data) -> int:
+        return self.cfg.dpo_epochs * math.ceil(data["n_records"] / self.cfg.traj_batch)
+
+    def update(self, model, opt, data, b, it) -> dict:
+        idx = self.batch(len(data["data"]), b, it)
+        x, tm = S.collate([data["data"][i] for i in idx], data["pad_id"], model.device)
+        with S.autocast(model.device, self.cfg.amp):
+            loss = S.sft_loss(model, x, tm)
+        return {"losses/sft": loss.item(), "trajectories": len(idx), **TI.step(model, opt, loss, self.cfg)}
+
+
+# run folder -> (row label, config class, fixed fields, method class, title, the equivalent script and flags)
+METHODS = {
+    "sft-continued": ("SFT-continued", TI.ImplicitConfig, {}, SFTContinued, "SFT-continued", None),
+    "eto": ("ETO", TI.ImplicitConfig, {"level": "trajectory"}, TI.TrajectoryDPO, "ETO",
+            "train_implicit.py --level trajectory"),
+    "ppo-outcome": ("outcome-PPO", TR.IRLConfig, {"reward": "outcome"}, TR.Outcome, "PPO (outcome reward)",
+                    "train_irl.py --reward outcome"),
+    "implicit": ("StepAgent-Implicit", TI.ImplicitConfig, {"level": "step"}, TI.StepDPO, "StepAgent-Implicit",
+                 "train_implicit.py"),
+    "inverse": ("StepAgent-Inverse", TR.IRLConfig, {}, TR.Inverse, "StepAgent-Inverse", "train_irl.py"),
+}
+ROWS = ["novice", *METHODS]  # "novice" is <cell>/sft, evaluated in <cell>/eval/sft-<split>
+LABEL = {"novice": "novice (SFT)", **{k: v[0] for k, v in METHODS.items()}}
+BASELINES, OURS = ["novice", "sft-continued", "eto", "ppo-outcome"], ["implicit", "inverse"]
+GROUP = {"inverse", "ppo-outcome"}  # a group baseline over K samples: K >= 2 (train_irl.py refuses --k 1)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cell_dir(cfg: TableConfig, env: str, seed: int, dim: int | None = None) -> str:
+    """<out>/<env>-seed<seed>, or <out>/dim<D>/<env>-seed<seed> for a size other than the table's."""
+    base = cfg.out if dim in (None, cfg.dim) else os.path.join(cfg.out, f"dim{dim}")
+    return os.path.join(base, f"{env}-seed{seed}")
+
+
+def run_name(cfg: TableConfig, key: str, k: int | None = None) -> str:
+    return key if k in (None, cfg.k) else f"{key}-k{k}"
+
+
+def method_config(cfg: TableConfig, key: str, env: str, seed: int, out: str, **over):
+    """The config the method's own script would build from the same options."""
+    cls, fixed = METHODS[key][1], METHODS[key][2]
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{**base, **fixed, **over, "env": env, "seed": seed, "out": out})
+
+
+def train(cfg: TableConfig, key: str, env: str, seed: int, dim: int | None = None, k: int | None = None,
+          unseen: bool = False, **over) -> None:
+    """One method in one (env, seed) folder through stepagent.train_iterations (cached, resumable);
+    with unseen, its final checkpoint and the novice are also evaluated on test_unseen (cached)."""
+    out = cell_dir(cfg, env, seed, dim)
+    size = {} if dim is None else {"dim": dim}
+    mc = method_config(cfg, key, env, seed, out, **size, **({} if k is None else {"k": k}), **over)
+    method = METHODS[key][3](mc)
+    method.name = run_name(cfg, key, k)
+    S.train_iterations(mc, method, METHODS[key][4])
+    if unseen:
+        final = os.path.join(out, method.name, f"iter{mc.iterations}")
+        S.cached_evaluate(lambda: S.load(final, mc), mc, "test_unseen", mc.n_test,
+                          os.path.join(out, method.name, f"eval-iter{mc.iterations}-test_unseen"), "test_unseen")
+        S.cached_evaluate(lambda: S.load(os.path.join(out, "sft"), mc), mc, "test_unseen", mc.n_test,
+                          os.path.join(out, "eval", "sft-test_unseen"), "novice")
+
+
+# ----------------------------------------------------------------------------- reading the run folders
+
+
+def mean_spread(values: list[float]) -> tuple[float, float | None]:
+    """(mean, sample standard deviation with n - 1; None for fewer than two values)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def summary(cell: str, name: str, split: str, n: int, seed: int, it: int) -> dict | None:
+    """A summary.json of this split, size and seed, or None: the novice's (<cell>/eval/sft-<split>) or
+    iteration it's of run `name` (<cell>/<name>/eval-iter<it>-<split>)."""
+    folder = os.path.join(cell, "eval", f"sft-{split}") if name == "novice" else \
+        os.path.join(cell, name, f"eval-iter{it}-{split}")
+    path = os.path.join(folder, "summary.json")
+    if not os.path.exists(path):
+        return None
+    s = json.load(open(path))
+    return s if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed) else None
+
+
+def values(cfg: TableConfig, env: str, name: str, split: str, metric: str, it: int | None = None,
+           dim: int | None = None) -> dict[int, float]:
+    """seed -> metric over the seeds whose summary is on disk (it: default the last iteration)."""
+    n = cfg.n_dev if split == "dev" else cfg.n_test
+    out = {}
+    for seed in ints(cfg.seeds):
+        s = summary(cell_dir(cfg, env, seed, dim), name, split, n, seed, it or cfg.iterations)
+        if s is not None:
+            out[seed] = s[metric]
+    return out
+
+
+def fmt(vals: dict[int, float], n_seeds: int) -> str:
+    """'mean ± std', the value alone for one seed, '—' for none; '(m/n seeds)' when some are missing."""
+    if not vals:
+        return "—"
+    m, sd = mean_spread(list(vals.values()))
+    text = f"{m:.3f}" if sd is None else f"{m:.3f} ± {sd:.3f}"
+    return text if len(vals) == n_seeds else f"{text} ({len(vals)}/{n_seeds} seeds)"
+
+
+def updates(cell: str, name: str, iterations: int) -> int | None:
+    """Optimiser steps (StepAgent-Inverse: D steps + policy steps) through iteration `iterations`."""
+    if name == "novice":
+        path = os.path.join(cell, "sft", "trainer_state.json")
+        return json.load(open(path))["step"] if os.path.exists(path) else None
+    path = os.path.join(cell, name, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    lines = [json.loads(x) for x in open(path)]
+    return sum("event" not in x and "step" in x and x.get("iteration", 0) <= iterations for x in lines)
+
+
+def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
+    """Expert-action match rate per step index at inspection it, from the step records the
+    metrics.jsonl `event=inspect` line summarises (<run>/inspect-<it>.jsonl)."""
+    path = os.path.join(cell, name, f"inspect-{it}.jsonl")
+    if not os.path.exists(path):
+        return None
+    return S.match_rates([json.loads(x) for x in open(path)])["by_step"]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+TABLE_ONLY = {f.name for f in dataclasses.fields(TableConfig)} - {f.name for f in dataclasses.fields(S.Config)} \
+    - {f.name for c in (TI.ImplicitConfig, TR.IRLConfig) for f in dataclasses.fields(c)} | {"out"}
+
+
+def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
+    """The method's own script with the table's options that its config has, for one cell."""
+    script, fields = METHODS[key][5], {f.name for f in dataclasses.fields(METHODS[key][1])}
+    if script is None:
+        return "results.py only (`SFTContinued`)"
+    opts = [(argv[i].lstrip("-"), argv[i + 1]) for i in range(1, len(argv) - 1, 2)]
+    opts = [(k, v) for k, v in opts if k in fields and k not in TABLE_ONLY and k not in ("n_test", *METHODS[key][2])]
+    flags = " ".join(f"--{k} {shlex.quote(v)}" for k, v in opts)
+    return f"`python {script} {flags} --n_test {cfg.n_test} --env <env> --seed <seed> --out {cfg.out}/<env>-seed<seed>`".replace("  ", " ")
+
+
+def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
+    seeds, n_seeds = ints(cfg.seeds), len(ints(cfg.seeds))
+    out = ["## Methods on the built-in environments", "",
+           f"Command: `python results.py {shlex.join(argv)}`", "",
+           f"Seeds {', '.join(map(str, seeds))}; {cfg.n_test} test and {cfg.n_test} test_unseen tasks per seed; "
+           f"tiny preset (dim {cfg.dim}, n_layers {cfg.n_layers}); {cfg.iterations} iterations, K = {cfg.k}, "
+           f"{min(cfg.n_inspect or cfg.n_train, cfg.n_train)} expert trajectories / train tasks per iteration; "
+           "the model reported is the last iteration's. "
+           "Cells: mean ± sample std over seeds. `updates`: optimiser steps over all iterations (StepAgent-Inverse: "
+           "D steps + policy steps; the novice: its SFT steps). Each method's run folder is what its own script "
+           "makes:", ""]
+    for key in METHODS:
+        out.append(f"- {LABEL[key]}: {script_command(cfg, argv, key)}")
+    for env in names(cfg.envs):
+        out += ["", f"### {env}", "",
+                "| method | test success | test reward | test_unseen success | test_unseen reward | updates |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        missing, cells = [], {}
+        for key in ROWS:
+            row = []
+            for split in ("test", "test_unseen"):
+                cells[key, split] = values(cfg, env, key, split, "success_rate")
+                row += [fmt(cells[key, split], n_seeds), fmt(values(cfg, env, key, split, "avg_reward"), n_seeds)]
+                gone = [s for s in seeds if s not in cells[key, split]]
+                if gone:
+                    missing.append(f"{LABEL[key]} {split} (seed {', '.join(map(str, gone))})")
+            ups = sorted({u for s in seeds if (u := updates(cell_dir(cfg, env, s), key, cfg.iterations)) is not None})
+            row.append("—" if not ups else str(ups[0]) if len(ups) == 1 else f"{ups[0]}-{ups[-1]}")
+            out.append(f"| {LABEL[key]} | " + " | ".join(row) + " |")
+        everything = len(missing) == 2 * len(ROWS) and all(f"seed {', '.join(map(str, seeds))})" in m for m in missing)
+        out += ["", "Not computed yet: every cell (run the command above)." if everything else
+                f"Not computed yet: {'; '.join(missing)}." if missing else "All cells computed."]
+        lines = verdicts(cells, n_seeds)
+        out += [""] + lines if lines else []
+        nov, per_it, any_value = values(cfg, env, "novice", "test", "success_rate"), [], False
+        for key in METHODS:
+            row = [mean_str(nov)]
+            for i in range(1, cfg.iterations + 1):
+                test, dev = (values(cfg, env, key, split, "success_rate", i) for split in ("test", "dev"))
+                row.append(f"{mean_str(test)} / {mean_str(dev)}")
+                any_value = any_value or bool(test or dev)
+            per_it.append(f"| {LABEL[key]} | " + " | ".join(row) + " |")
+        if any_value:
+            out += ["", "Success per iteration (test / dev; mean over the seeds present; iteration 0 = the novice):", "",
+                    "| method | " + " | ".join(f"iter {i}" for i in range(cfg.iterations + 1)) + " |",
+                    "| --- |" + " --- |" * (cfg.iterations + 1), *per_it]
+        out += match_section(cfg, env)
+    return out
+
+
+def mean_str(vals: dict[int, float]) -> str:
+    return f"{mean_spread(list(vals.values()))[0]:.3f}" if vals else "—"
+
+
+def verdicts(cells: dict, n_seeds: int) -> list[str]:
+    """One line per StepAgent method and baseline: does it beat it, on test and on test_unseen success."""
+    lines = []
+    for ours in OURS:
+        for base in BASELINES:
+            parts = []
+            for split in ("test", "test_unseen"):
+                a, b = cells[ours, split], cells[base, split]
+                if len(a) < n_seeds or len(b) < n_seeds:
+                    parts.append(f"{split}: not computed yet")
+                    continue
+                (ma, sa), (mb, sb) = mean_spread(list(a.values())), mean_spread(list(b.values()))
+                word = "**does not beat it** (equal)" if ma == mb else "**does not beat it**" if ma < mb else \
+                    "beats it, within the spread over seeds" if sa is None or ma - mb <= sa + (sb or 0) else "beats it"
+                parts.append(f"{split} success {ma:.3f} vs {mb:.3f}, {word}")
+            if any("not computed" not in p for p in parts):
+                lines.append(f"- {LABEL[ours]} vs {LABEL[base]}: " + "; ".join(parts))
+    return lines
+
+
+def match_section(cfg: TableConfig, env: str, max_steps: int = 10) -> list[str]:
+    """Expert-action match rate by step index per inspection, mean over the seeds present."""
+    rows = []
+    for key in OURS:
+        for it in range(1, cfg.iterations + 1):
+            per = [m for s in ints(cfg.seeds) if (m := match_by_step(cell_dir(cfg, env, s), key, it))]
+            if per:
+                steps = sorted({t for m in per for t in m})
+                rows.append((f"{LABEL[key]}, inspection {it} ({len(per)} seeds)",
+                             {t: sum(m[t] for m in per if t in m) / sum(t in m for m in per) for t in steps}))
+    if not rows:
+        return []
+    n_steps = 1 + max(t for _, r in rows for t in r)
+    width = min(max_steps, n_steps)
+    out = ["", f"Expert-action match rate by step index (K = {cfg.k} practices from each expert state; inspection 1 "
+               "is the novice's" + (f"; steps past {width - 1} left out):" if n_steps > width else "):"), "",
+           "| inspection | " + " | ".join(f"step {t}" for t in range(width)) + " |", "| --- |" + " --- |" * width]
+    for name, r in rows:
+        out.append(f"| {name} | " + " | ".join(f"{r[t]:.2f}" if t in r else "—" for t in range(width)) + " |")
+    return out
+
+
+# sweep -> (what it is against, column label, plot axis label)
+SWEEPS = {"iterations": ("iterations", "iteration", "iteration"), "k": ("the practice number K", "K =", "practice number K"),
+          "size": ("model size (tiny-preset width)", "dim", "dim (model width)")}
+
+
+def sweep_points(cfg: TableConfig) -> tuple[list, dict]:
+    """(x values, {(env, row label): [seed -> test success, per x]}) of the sweep cfg.what."""
+    pts = {}
+    for env in names(cfg.envs):
+        if cfg.what == "iterations":
+            xs = list(range(cfg.iterations + 1))
+            for key in names(cfg.sweep_methods):
+                pts[env, LABEL[key]] = [values(cfg, env, "novice", "test", "success_rate")] + \
+                    [values(cfg, env, key, "test", "success_rate", i) for i in xs[1:]]
+        elif cfg.what == "k":
+            xs = ints(cfg.ks)
+            for key in names(cfg.sweep_methods):
+                pts[env, LABEL[key]] = [values(cfg, env, run_name(cfg, key, k), "test", "success_rate") for k in xs]
+        else:
+            xs = ints(cfg.dims)
+            for key in ["novice", *names(cfg.sweep_methods)]:
+                pts[env, LABEL[key]] = [values(cfg, env, key, "test", "success_rate", dim=d) for d in xs]
+    return xs, pts
+
+
+def sweep_section(cfg: TableConfig, argv: list[str], plot_dir: str, rel: str) -> list[str]:
+    xs, pts = sweep_points(cfg)
+    n_seeds = len(ints(cfg.seeds))
+    title, label, axis = SWEEPS[cfg.what]
+    out = [f"## Sweep: test success against {title}", "", f"Command: `python results.py {shlex.join(argv)}`", "",
+           f"Seeds {cfg.seeds}; {cfg.n_test} test tasks; mean ± sample std over seeds"
+           + {"iterations": "; iteration 0 is the novice.",
+              "k": f"; after {cfg.iterations} iterations; a group baseline (inverse, PPO) needs K >= 2.",
+              "size": f"; n_layers {cfg.n_layers}, n_heads {cfg.n_heads}; after {cfg.iterations} iterations."}[cfg.what], "",
+           "| env | method | " + " | ".join(f"{label} {x}" for x in xs) + " |", "| --- | --- |" + " --- |" * len(xs)]
+    for (env, row), per_x in pts.items():
+        cells = ["n/a" if cfg.what == "k" and x < 2 and row in {LABEL[g] for g in GROUP} else fmt(v, n_seeds)
+                 for x, v in zip(xs, per_x)]
+        out.append(f"| {env} | {row} | " + " | ".join(cells) + " |")
+    note = plot(os.path.join(plot_dir, f"sweep-{cfg.what}.png"), axis, xs, pts)
+    out += ["", note or f"![test success against {title}]({rel}/sweep-{cfg.what}.png)"]
+    return out
+
+
+def plot(path: str, xlabel: str, xs: list, pts: dict) -> str:
+    """A PNG, one panel per env, mean ± std over seeds per method; '' when drawn, else a one-line note."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(No plot: matplotlib is not installed; `pip install matplotlib`, then `python results.py report`.)"
+    env_names = list(dict.fromkeys(env for env, _ in pts))
+    fig, axes = plt.subplots(1, len(env_names), figsize=(4.5 * len(env_names), 3.5), squeeze=False)
+    for ax, env in zip(axes[0], env_names):
+        for (e, row), per_x in pts.items():
+            got = [(x, *mean_spread(list(v.values()))) for x, v in zip(xs, per_x) if e == env and v]
+            if got:
+                ax.errorbar([g[0] for g in got], [g[1] for g in got], yerr=[g[2] or 0 for g in got], label=row,
+                            marker="o", capsize=3)
+        ax.set(title=env, xlabel=xlabel, ylabel="test success", xticks=xs)
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return ""
+
+
+def report(out: str, results: str) -> None:
+    """RESULTS.md from the commands recorded in <out>/commands.json and what their folders hold."""
+    recorded = json.load(open(os.path.join(out, "commands.json"))) if os.path.exists(os.path.join(out, "commands.json")) else {}
+    defaults = TableConfig()
+    recorded.setdefault("table", ["table", *(["--out", out] if out != defaults.out else []),
+                                  *(["--results", results] if results != defaults.results else [])])
+    plot_dir = os.path.join(os.path.dirname(os.path.abspath(results)), "results")
+    text = ["# Results", "", "Generated by `results.py` (do not edit by hand): the numbers here are whatever the "
+            "commands below last produced, read back from the run folders' summary.json files. "
+            "How the methods and budgets are set up: the docstring of results.py.", ""]
+    for what in ("table", "sweep-iterations", "sweep-k", "sweep-size"):
+        if what in recorded:
+            argv = recorded[what]
+            with contextlib.redirect_stdout(io.StringIO()):  # parse_config prints the config
+                cfg = S.parse_config(TableConfig, argv[1:])
+            text += (table_section(cfg, argv) if what == "table" else sweep_section(cfg, argv, plot_dir, "results")) + [""]
+    envs.atomic_write(results, "\n".join(text))
+    print(f"wrote {results}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("table", "sweep", "report"):
+        sys.exit("usage: python results.py table|sweep|report [--field value ...]\n\n" + __doc__.split("\n\n")[1])
+    argv = list(argv)
+    if argv[0] == "sweep":  # the sweeps' own defaults, written into the recorded command
+        given = {a.lstrip("-") for a in argv[1::2]}
+        what = argv[argv.index("--what") + 1] if "--what" in argv[:-1] else "iterations"
+        extra = {"envs": "webshop,hotpotqa", **({"iterations": "4"} if what == "iterations" else {})}
+        argv += [x for k, v in extra.items() if k not in given for x in (f"--{k}", v)]
+    for bad in ("--env", "--seed"):
+        if bad in argv:
+            sys.exit(f"error: {bad} is per cell here; use {bad}s with a comma-separated list")
+    cfg = S.parse_config(TableConfig, argv[1:])
+    unknown = [k for k in names(cfg.sweep_methods) if k not in METHODS]
+    if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS:
+        sys.exit(f"error: --what {cfg.what!r} (iterations | k | size), --sweep_methods {unknown} (any of "
+                 f"{', '.join(METHODS)}), --reward {cfg.reward!r} (the inverse method's: {', '.join(TR.REWARDS)})")
+    if argv[0] == "report":
+        return report(cfg.out, cfg.results)
+    key = "table" if argv[0] == "table" else f"sweep-{cfg.what}"
+    path = os.path.join(cfg.out, "commands.json")
+    recorded = json.load(open(path)) if os.path.exists(path) else {}
+    envs.write_json(path, {**recorded, key: argv})
+    for env in names(cfg.envs):
+        for seed in ints(cfg.seeds):
+            if argv[0] == "table":
+                for k in METHODS:
+                    train(cfg, k, env, seed, unseen=True)
+            elif cfg.what == "iterations":
+                for k in names(cfg.sweep_methods):
+                    train(cfg, k, env, seed)
+            elif cfg.what == "k":
+                for k in ints(cfg.ks):
+                    for m in names(cfg.sweep_methods):
+                        if not (m in GROUP and k < 2):
+                            train(cfg, m, env, seed, k=k)
+            else:
+                for d in ints(cfg.dims):
+                    for m in names(cfg.sweep_methods):
+                        train(cfg, m, env, seed, dim=d)
+            report(cfg.out, cfg.results)  # after every cell: an interrupted run still leaves a true, partial table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""results.py: the mean ± spread helper by hand; the table command end to end on a micro config
+(numbers in RESULTS.md = the run folders' summary.json files, rerun trains nothing, missing cells
+marked); a micro K sweep. A micro model learns nothing: the numbers checked are plumbing."""
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shlex
+import statistics
+
+import results as R
+from test_implicit import MICRO, _run
+
+SPLITS = ("test", "test_unseen")
+# MICRO with the table's --envs / --seeds in place of --env: hotpotqa, 2 seeds, 2 test tasks, 2 iterations
+TABLE = [*MICRO[2:], "--envs", "hotpotqa", "--seeds", "0,1", "--traj_batch", "3"]
+
+
+def test_mean_spread_by_hand():
+    m, sd = R.mean_spread([0.1, 0.2, 0.6])  # mean 0.3; squared deviations 0.04 + 0.01 + 0.09 = 0.14, / (3 - 1)
+    assert abs(m - 0.3) < 1e-12 and abs(sd - math.sqrt(0.07)) < 1e-12
+    assert R.mean_spread([0.5]) == (0.5, None) and R.mean_spread([1.0, 1.0]) == (1.0, 0.0)
+    assert R.fmt({0: 0.1, 1: 0.2, 2: 0.6}, 3) == "0.300 ± 0.265"
+    assert R.fmt({0: 0.25}, 1) == "0.250"
+    assert R.fmt({1: 0.1}, 2) == "0.100 (1/2 seeds)" and R.fmt({}, 2) == "—"
+
+
+def _summary_path(out, seed, run, split):
+    cell = os.path.join(out, f"hotpotqa-seed{seed}")
+    folder = os.path.join("eval", f"sft-{split}") if run == "novice" else os.path.join(run, f"eval-iter2-{split}")
+    return os.path.join(cell, folder, "summary.json")
+
+
+def _expected(out, run, split, metric, seeds=(0, 1)):
+    """The cell as the summary files on disk give it, computed here with the statistics module."""
+    vals = []
+    for s in seeds:
+        p = _summary_path(out, s, run, split)
+        if os.path.exists(p):
+            d = json.load(open(p))
+            assert (d["split"], d["n"], d["seed"]) == (split, 2, s)
+            vals.append(d[metric])
+    if not vals:
+        return "—"
+    text = f"{statistics.mean(vals):.3f}" if len(vals) == 1 else f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+    return text if len(vals) == len(seeds) else f"{text} ({len(vals)}/{len(seeds)} seeds)"
+
+
+def _rows(md):
+    """The hotpotqa table of RESULTS.md: row label -> its cells."""
+    lines = md.split("### hotpotqa\n")[1].strip().split("\n\n")[0].splitlines()[2:]
+    return {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines)}
+
+
+def _check_table(out, md):
+    rows = _rows(md)
+    assert list(rows) == ["novice (SFT)", "SFT-continued", "ETO", "outcome-PPO", "StepAgent-Implicit", "StepAgent-Inverse"]
+    for run in R.ROWS:
+        want = [_expected(out, run, split, metric) for split in SPLITS for metric in ("success_rate", "avg_reward")]
+        assert rows[R.LABEL[run]][:4] == want, run
+    return rows
+
+
+def _fingerprint(out):
+    files = sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl")) + glob.glob(os.path.join(out, "*", "*", "last", "*")))
+    return {f: hashlib.md5(open(f, "rb").read()).hexdigest() for f in files}
+
+
+def _edit(path, **kv):
+    d = json.load(open(path))
+    json.dump({**d, **kv}, open(path, "w"))
+
+
+def test_table_end_to_end(tmp_path):
+    out, res = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
+    cmd = ["table", *TABLE, "--out", out, "--results", res]
+    _run(cmd, script="results.py")
+    md = open(res).read()
+    assert f"Command: `python results.py {shlex.join(cmd)}`" in md
+    rows = _check_table(out, md)
+    assert "All cells computed." in md and "Not computed yet" not in md
+    # equal budget: SFT-continued takes ceil(6 experts / traj_batch 3) = 2 updates per iteration, 2 iterations
+    assert rows["SFT-continued"][4] == "4"
+    sft = [json.loads(x) for x in open(os.path.join(out, "hotpotqa-seed1", "sft-continued", "metrics.jsonl"))]
+    assert [x["trajectories"] for x in sft if "losses/sft" in x] == [3, 3, 3, 3]
+    assert "StepAgent-Implicit, inspection 2 (2 seeds)" in md  # match rate per step index
+
+    # rerun: nothing is trained again
+    before = _fingerprint(out)
+    assert len([f for f in before if f.endswith("metrics.jsonl")]) == 10  # 5 methods x 2 seeds
+    stdout = _run(["table", *TABLE, "--out", out, "--results", res], script="results.py")
+    assert "novice already trained" in stdout and "after update" not in stdout  # no reflection half done
+    assert _fingerprint(out) == before
+
+    # numbers that differ per seed, one cell gone and one half gone: `report` re-reads the files
+    for seed, (succ, rew) in enumerate([(0.5, 0.25), (0.0, 0.75)]):
+        _edit(_summary_path(out, seed, "eto", "test"), success_rate=succ, avg_reward=rew)
+    for seed, succ in enumerate([1.0, 0.5]):
+        _edit(_summary_path(out, seed, "implicit", "test"), success_rate=succ)
+    for seed in (0, 1):
+        os.remove(_summary_path(out, seed, "ppo-outcome", "test_unseen"))
+    os.remove(_summary_path(out, 1, "inverse", "test_unseen"))
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    md = open(res).read()
+    rows = _check_table(out, md)
+    assert rows["ETO"][:2] == [f"0.250 ± {math.sqrt(0.125):.3f}", f"0.500 ± {math.sqrt(0.125):.3f}"]
+    assert rows["outcome-PPO"][2:4] == ["—", "—"] and rows["StepAgent-Inverse"][2].endswith("(1/2 seeds)")
+    assert "Not computed yet: outcome-PPO test_unseen (seed 0, 1); StepAgent-Inverse test_unseen (seed 1)." in md
+    verdict = {x.split(":")[0]: x for x in md.splitlines() if x.startswith("- StepAgent-")}
+    assert verdict["- StepAgent-Implicit vs ETO"].startswith(
+        "- StepAgent-Implicit vs ETO: test success 0.750 vs 0.250, beats it, within the spread over seeds; test_unseen success")
+    assert verdict["- StepAgent-Inverse vs outcome-PPO"].endswith("; test_unseen: not computed yet")
+
+    # the table command fills the missing cells (evaluations only) and leaves the training alone
+    _run(["table", *TABLE, "--out", out, "--results", res], script="results.py")
+    md = open(res).read()
+    assert "All cells computed." in md and _fingerprint(out) == before
+    _check_table(out, md)
+
+
+def test_sweep_k_micro(tmp_path, monkeypatch):
+    """K = 1 and 2 for both StepAgent methods: the inverse one skips K = 1; without matplotlib a note."""
+    out, res, block = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md"), tmp_path / "block"
+    i = MICRO.index("--iterations")
+    args = [*MICRO[2:i], *MICRO[i + 2:], "--envs", "hotpotqa", "--seeds", "0", "--traj_batch", "3", "--iterations", "1",
+            "--ks", "1,2"]
+    _run(["sweep", "--what", "k", *args, "--out", out, "--results", res], script="results.py")
+    cell = os.path.join(out, "hotpotqa-seed0")
+    assert sorted(os.listdir(cell)) == sorted(["base", "data", "eval", "implicit", "implicit-k1", "inverse", "sft",
+                                               "sft_metrics.jsonl", "tokenizer"])  # K = 2 is --k's own run
+    assert json.load(open(os.path.join(cell, "implicit-k1", "config.json")))["k"] == 1
+    md = open(res).read()
+    k1 = json.load(open(os.path.join(cell, "implicit-k1", "eval-iter1-test", "summary.json")))["success_rate"]
+    k2 = json.load(open(os.path.join(cell, "inverse", "eval-iter1-test", "summary.json")))["success_rate"]
+    assert f"| hotpotqa | StepAgent-Implicit | {k1:.3f} |" in md and f"| hotpotqa | StepAgent-Inverse | n/a | {k2:.3f} |" in md
+    assert "## Methods on the built-in environments" in md  # the table section, all missing: honest, not absent
+    assert "Not computed yet: every cell" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert "![test success against the practice number K](results/sweep-k.png)" in md
+        assert open(tmp_path / "results" / "sweep-k.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the plot needs matplotlib; without it (an import that fails) the report says so and still writes
+    block.mkdir()
+    (block / "matplotlib.py").write_text("raise ImportError('blocked for the test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(block))
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    assert "(No plot: matplotlib is not installed" in open(res).read()
