@@ -231,3 +231,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    S.dist_end()  # torchrun: leave together (a no-op in one process)
