@@ -20,6 +20,16 @@ Speed (DESIGN §4): the K practices of every state of one trajectory are sampled
 single prefill of the whole expert trajectory (`sample_practice`), and scoring packs the expert
 trajectory and all candidates into one row (`pack_row`); the naive versions are kept as references.
 
+Several processes (`torchrun --nproc_per_node N`, any script): each rank plays its shard of the
+evaluation tasks and rollouts and inspects its shard of the trajectories; the results are gathered,
+so every summary is over all tasks. Each optimiser step takes the same global batch as one process
+(batch_size trajectories for SFT, traj_batch for a reflection update), each rank its slice
+`batch[rank::world]`; a rank's loss is its part of the global mean (its local mean times its share
+of the global count, `shares`), the gradients are summed over the ranks (`allreduce_grads`) and
+clipped after that, so N processes take the one-process step up to float rounding. Only rank 0
+writes files and prints; the others wait at a barrier where they need what it wrote. Without
+torchrun none of this runs (no process group, the same numbers bit for bit).
+
     python stepagent.py sft                          # tiny preset on webshop: tokenizer, model, SFT
     python stepagent.py eval --model runs/webshop-tiny/sft --split test --n_test 200
     python stepagent.py inspect --model runs/webshop-tiny/sft --k 4
@@ -38,6 +48,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import envs
@@ -90,6 +101,8 @@ class Config:
     iterations: int = 2  # inspection -> reflection -> evaluation rounds
     save_every: int = 20  # optimiser steps between mid-reflection checkpoints (0: end of reflection only)
     traj_batch: int = 8  # expert trajectories (with all their pairs / practices) or rollouts per update
+    log_every: int = 10  # SFT: optimiser steps between per-step metric lines
+    fsdp: bool = False  # torchrun: shard the policy's weights, gradients and optimiser state over the ranks (FSDP2)
 
 
 def parse_config(cls, argv: list[str]):
@@ -114,7 +127,8 @@ def parse_config(cls, argv: list[str]):
             sys.exit(f"error: --{key} expects a {type(default).__name__}, got {raw!r}")
         setattr(cfg, key, val)
         i += 2
-    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only (parsing comes before dist_setup)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
     return cfg
 
 
@@ -122,26 +136,208 @@ class Log:
     """One JSON line per event in <out>/<name>.jsonl and a short line on stdout."""
 
     def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = open(path, "a")
+        self.f = None  # torchrun: only rank 0 writes
+        if is_main():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.f = open(path, "a")
 
     def write(self, **kv):
         """The JSON line only (per-step metrics; the progress bar shows them)."""
-        self.f.write(json.dumps(kv) + "\n")
-        self.f.flush()
+        if self.f:
+            self.f.write(json.dumps(kv) + "\n")
+            self.f.flush()
 
     def __call__(self, **kv):
         self.write(**kv)
-        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kv.items()))
+        if self.f:
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kv.items()))
 
 
 def get_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """auto: cuda if there is one, else cpu; under torchrun cuda means this rank's GPU, cuda:LOCAL_RANK."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(name)
 
 
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+
+def dist_setup(device: str = "auto") -> None:
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, gloo on CPU and
+    nccl on CUDA (one GPU per rank, cuda:LOCAL_RANK); ranks other than 0 print nothing; the script
+    ends with dist_end(). Without torchrun: nothing, and the helpers below do nothing (or return
+    their argument)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    dev = get_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # prints and tqdm.write; tracebacks (stderr) still show
+
+
+def dist_end() -> None:
+    """The end of a script under torchrun: wait for every rank, leave the process group and exit
+    at once. Python's own shutdown would race gloo's worker threads, which can still be freeing the
+    last collective's tensors (a SIGABRT, 'terminate called without an active exception', in about
+    1 run in 10 on CPU; pytorch/pytorch PR 179291), so the process ends with os._exit(0) after
+    flushing its output. Without torchrun: nothing."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. for a file rank 0 writes)."""
+    if world() > 1:
+        dist.barrier()
+
+
+def rank_seed(seed: int) -> int:
+    """A sampling seed of its own per rank (the seed itself on rank 0 and in one process)."""
+    return seed + 1_000_000 * rank()
+
+
+def shard(items: list) -> list:
+    """This rank's share of items, items[rank::world]."""
+    return items[rank()::world()]
+
+
+def gather(mine: list) -> list:
+    """shard's inverse: every rank's list (its shard's results, one per item) gathered, in the
+    original item order, on every rank."""
+    if world() == 1:
+        return mine
+    parts = [None] * world()
+    dist.all_gather_object(parts, mine)
+    return [parts[i % world()][i // world()] for i in range(sum(len(p) for p in parts))]
+
+
+def shard_batch(idx: list[int]) -> tuple[list[int], bool]:
+    """This rank's slice of a global batch, and whether it is real. A rank left without items (a
+    batch smaller than the number of ranks) runs the batch's first item at weight 0 instead (live
+    False: its counts enter `shares` as 0), so every rank makes the same forwards and collectives."""
+    mine = shard(idx)
+    return (mine, True) if mine else (idx[:1], False)
+
+
+def all_sum(values: dict) -> dict:
+    """Each value summed over the ranks, one all_reduce (the dict itself in one process); ints stay ints."""
+    if world() == 1:
+        return values
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return {k: type(v)(x) if isinstance(v, int) else x for (k, v), x in zip(values.items(), t.tolist())}
+
+
+def shares(*counts: int) -> list[float]:
+    """Each local count's share of its sum over the ranks (1.0 in one process). A local mean times
+    its share is this rank's part of the global batch's mean: summed over the ranks (the gradients,
+    by allreduce_grads) it is the one-process mean."""
+    if world() == 1:
+        return [1.0] * len(counts)
+    total = all_sum(dict(enumerate(counts)))
+    return [n / total[i] if n else 0.0 for i, n in enumerate(counts)]
+
+
+def allreduce_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients over the ranks, before clipping (so every rank clips and steps alike);
+    a parameter this rank's forward did not reach contributes zeros."""
+    if world() == 1:
+        return
+    if is_fsdp(model):  # fully_shard's reduce-scatter in backward averaged them already: make that the sum
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(world())
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def fsdp_wrap(model: M.Transformer) -> M.Transformer:
+    """--fsdp: shard the policy's weights, gradients and optimiser state over the ranks, FSDP2's
+    fully_shard on every transformer block and then on the whole model (embeddings, final norm,
+    head); `hidden` gets FSDP's gather hooks as `forward` has. Make the optimiser after this."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if not dist.is_initialized():
+        sys.exit("error: --fsdp true shards over the ranks of torchrun: run under torchrun --nproc_per_node N")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "hidden")
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def replica(model: M.Transformer) -> M.Transformer:
+    """The policy as a plain model on this rank: itself, or under --fsdp a copy with its full weights
+    gathered (a collective: every rank calls it). Generation and no-grad scoring use it (each rank
+    runs a different number of forwards on its own shard, which FSDP's per-forward gathers cannot
+    follow), and so does saving."""
+    if not is_fsdp(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        full = M.Transformer(model.args)
+    full.load_state_dict(sd, assign=True)
+    if model.args.tie_embeddings:
+        full.lm_head.weight = full.model.embed_tokens.weight
+    full.inv_freq = M.rope_inv_freq(model.args, model.device)
+    return full.train(model.training)
+
+
+def optim_state(model, opt) -> dict:
+    """The optimiser's state to save; under --fsdp gathered in full on rank 0 (a collective)."""
+    if not is_fsdp(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optim_state(model, opt, path: str) -> None:
+    sd = torch.load(path, map_location=model.device)
+    if not is_fsdp(model):
+        return opt.load_state_dict(sd)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -193,11 +389,12 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     time; env objects are reused, which matters for the JVM-backed real envs). Each task's keys and
     values stay cached between its turns (model.ChatCache; reuse_cache=False re-prefills every turn,
     the reference bench.py compares with). Returns one ETO record per task with reward, success and
-    steps added."""
+    steps added. Under torchrun each rank plays its shard of the tasks; every rank gets all records."""
+    tasks = shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
     pool = [envs.load_env(env_name, **(env_kwargs or {})) for _ in range(min(batch, len(tasks)))]
-    bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
     for lo in range(0, len(tasks), batch):
         live = []
         for env, i in zip(pool, range(lo, min(lo + batch, len(tasks)))):
@@ -226,7 +423,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     for env in pool:
         getattr(env, "close", lambda: None)()
     bar.close()
-    return results
+    return gather(results)
 
 
 def _finish(results, s, tasks, bar):
@@ -259,7 +456,7 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
                "avg_reward": sum(r["reward"] for r in recs) / max(1, len(recs)),
                "success_rate": sum(r["success"] for r in recs) / max(1, len(recs)),
                "avg_steps": sum(r["steps"] for r in recs) / max(1, len(recs)), "seconds": time.time() - t0}
-    if out_dir:
+    if out_dir and is_main():
         envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
         envs.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
@@ -269,10 +466,17 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
 
 
 def expert_data(cfg: Config) -> list[dict]:
-    """Expert trajectories of n_train train tasks (cached in <out>/data as an ETO file)."""
+    """Expert trajectories of n_train train tasks (cached in <out>/data as an ETO file; under
+    torchrun rank 0 makes it and the others read it)."""
     path = os.path.join(cfg.out, "data", f"{cfg.env}_train_{cfg.n_train}_seed{cfg.seed}.json")
-    if os.path.exists(path):
-        return envs.load_trajectories(path)
+    made = None
+    if is_main() and not os.path.exists(path):
+        made = _make_expert_data(cfg, path)
+    barrier()
+    return made or envs.load_trajectories(path)
+
+
+def _make_expert_data(cfg: Config, path: str) -> list[dict]:
     env = envs.load_env(cfg.env)
     tasks = envs.make(cfg.env, "train", n=cfg.n_train, seed=cfg.seed)
     if len(tasks) < cfg.n_train:
@@ -293,19 +497,25 @@ def tiny_args(cfg: Config, vocab_size: int) -> M.ModelArgs:
 
 
 def prepare_base(cfg: Config, records: list[dict]) -> str:
-    """The model SFT starts from: a folder in the Hugging Face layout."""
+    """The model SFT starts from: a folder in the Hugging Face layout (under torchrun made by rank 0)."""
     if cfg.preset == "smollm2":
         path = os.path.join("checkpoints", "smollm2-135m-instruct")
-        if not os.path.exists(os.path.join(path, "config.json")):
+        if is_main() and not os.path.exists(os.path.join(path, "config.json")):
             M.convert_gguf(M.find_smollm2_gguf(), path)
+        barrier()
         return path
     if cfg.preset != "tiny":
         if not os.path.exists(os.path.join(cfg.preset, "config.json")):
             raise FileNotFoundError(f"--preset {cfg.preset!r}: not tiny/smollm2 and no config.json there")
         return cfg.preset
     path = os.path.join(cfg.out, "base")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
+    if is_main() and not os.path.exists(os.path.join(path, "config.json")):
+        _make_tiny_base(cfg, records, path)
+    barrier()
+    return path
+
+
+def _make_tiny_base(cfg: Config, records: list[dict], path: str) -> None:
     # a byte-level BPE trained on the env's own text, then a small Llama from scratch
     # (with whole_ids, each opaque ID seen in that text is one token: see the note in train_sft)
     tok_dir = os.path.join(cfg.out, "tokenizer")
@@ -318,7 +528,6 @@ def prepare_base(cfg: Config, records: list[dict]) -> str:
     n = sum(p.numel() for p in model.parameters())
     print(f"tiny preset: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size} ({len(whole)} whole IDs), "
           f"saved to {path} (tokenizer from {tok_dir})")
-    return path
 
 
 def load(path: str, cfg: Config):
@@ -436,6 +645,8 @@ def train_sft(cfg: Config) -> str:
         print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
         return ckpt
     model, tok = load(ckpt if state["epoch"] else base, cfg)
+    if cfg.fsdp:
+        fsdp_wrap(model)
     device = model.device
     pattern = getattr(envs.load_env(cfg.env), "opaque_ids", None) if cfg.rename_ids else None
 
@@ -449,7 +660,7 @@ def train_sft(cfg: Config) -> str:
     total = steps_per_epoch * n_epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state["epoch"]:
-        opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device))
+        load_optim_state(model, opt, os.path.join(ckpt, "optimizer.pt"))
         print(f"resuming SFT from {ckpt} after epoch {state['epoch']}")
     log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))
     step = state["step"]
@@ -460,33 +671,40 @@ def train_sft(cfg: Config) -> str:
             data = epoch_data(epoch)
         batches = length_batches([len(d[0]) for d in data], cfg.batch_size, cfg.seed * 1000 + epoch)
         desc = f"{'pretrain' if pre else 'sft'} epoch {epoch + 1}/{n_epochs}"
-        bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True)
+        bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True, disable=not is_main())
         t0, tokens = time.time(), 0
         for b in bar:
-            x, tm = collate([data[i] for i in batches[b]], tok.pad_id, device, all_tokens=pre)
+            mine, live = shard_batch(batches[b])  # this rank's slice of the global batch (all of it in one process)
+            x, tm = collate([data[i] for i in mine], tok.pad_id, device, all_tokens=pre)
             with autocast(device, cfg.amp):
-                loss = sft_loss(model, x, tm)
-            (loss / cfg.grad_accum).backward()
-            tokens += x.numel()
+                loss = sft_loss(model, x, tm)  # the mean over this rank's target tokens
+            w, = shares(int(tm.sum()) * live)  # this rank's share of the global batch's target tokens
+            (loss * w / cfg.grad_accum).backward()
+            loss_all = all_sum({"loss": loss.item() * w})["loss"]  # the global batch's mean
+            tokens += x.numel() * live
             if (b + 1) % cfg.grad_accum == 0 or b == n_batches - 1:
                 lr = lr_at(step, total, cfg.warmup, cfg.sft_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
+                allreduce_grads(model)
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                if step % 10 == 0:
-                    log.write(step=step, loss=loss.item(), lr=lr, grad_norm=gn.item())
-        speed = tokens / (time.time() - t0)
-        dev = {} if pre else evaluate(model, tok, cfg, "dev", cfg.n_dev, desc="sft dev")
+                bar.set_postfix(loss=f"{loss_all:.3f}", lr=f"{lr:.2e}")
+                if step % cfg.log_every == 0:
+                    log.write(step=step, loss=loss_all, lr=lr, grad_norm=gn.item())
+        speed = all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
+        dev = {} if pre else evaluate(replica(model), tok, cfg, "dev", cfg.n_dev, desc="sft dev")
         model.train()
-        log(event="pretrain_epoch" if pre else "sft_epoch", epoch=epoch + 1, step=step, loss=loss.item(),
+        log(event="pretrain_epoch" if pre else "sft_epoch", epoch=epoch + 1, step=step, loss=loss_all,
             **({} if pre else {"dev_success": dev["success_rate"], "dev_reward": dev["avg_reward"]}),
             tokens_per_s=speed)
-        M.save_model(model, tok, ckpt, extra={"trainer_state.json": {"epoch": epoch + 1, "step": step, "dev": dev},
-                                              "optimizer.pt": opt.state_dict()})
+        full, opt_state = replica(model), optim_state(model, opt)
+        if is_main():
+            M.save_model(full, tok, ckpt, extra={"trainer_state.json": {"epoch": epoch + 1, "step": step, "dev": dev},
+                                                 "optimizer.pt": opt_state})
+    barrier()  # the other ranks go on to read the novice rank 0 wrote
     print(f"novice saved to {ckpt}")
     return ckpt
 
@@ -561,16 +779,19 @@ def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, t
             log: Log | None = None) -> list[dict]:
     """The inspection stage: K practices from every expert state of every trajectory, each compared
     with the expert's action. Returns step records (and writes them as JSONL to out_path):
-    {traj_id, step, expert, expert_action, agent: [{text, action, match, logprob}]}."""
+    {traj_id, step, expert, expert_action, agent: [{text, action, match, logprob}]}.
+    Under torchrun each rank inspects its shard of the records; every rank gets all step records."""
     sampler = sample_practice if shared else sample_practice_naive
-    steps, skipped = [], 0
+    per_rec, skipped = [], 0  # per_rec: the step records of each of this rank's records
     was_training = model.training
     model.eval()
-    for rec in tqdm(records, desc=f"inspect K={k}", leave=False, dynamic_ncols=True):
+    for rec in tqdm(shard(records), desc=f"inspect K={k}", leave=False, dynamic_ncols=True, disable=not is_main()):
         msgs = to_messages(rec)
         ids, spans = turn_spans(tok, msgs)
         fits = [i for i, (s, _) in enumerate(spans) if s + max_new_tokens <= model.args.max_seq_len]
         skipped += len(spans) - len(fits)
+        rec_steps = []
+        per_rec.append(rec_steps)
         if not fits:
             continue
         outs, lps = sampler(model, tok, ids, [spans[i][0] for i in fits], k, temperature, top_p,
@@ -584,12 +805,14 @@ def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, t
                 act = envs.parse_action(text)
                 agent.append({"text": text, "action": act, "match": envs.normalize_action(act) == want,
                               "logprob": float(sum(lps[j]))})
-            steps.append({"traj_id": rec["id"], "step": t, "expert": experts[t],
-                          "expert_action": envs.parse_action(experts[t]), "agent": agent})
+            rec_steps.append({"traj_id": rec["id"], "step": t, "expert": experts[t],
+                              "expert_action": envs.parse_action(experts[t]), "agent": agent})
     model.train(was_training)
+    steps = [s for rec_steps in gather(per_rec) for s in rec_steps]
+    skipped = all_sum({"skipped": skipped})["skipped"]
     if skipped:
         tqdm.write(f"note: {skipped} states longer than the context were not inspected")
-    if out_path:
+    if out_path and is_main():
         envs.atomic_write(out_path, "".join(json.dumps(s) + "\n" for s in steps))
     if log is not None:
         rates = match_rates(steps)
@@ -727,26 +950,27 @@ class Method:
 
 
 # changing these between a run and its resumption is harmless; anything else is a different run
-RESUMABLE = {"n_test", "n_dev", "device", "eval_batch", "iterations", "split", "model", "save_every"}
+RESUMABLE = {"n_test", "n_dev", "device", "eval_batch", "iterations", "split", "model", "save_every", "log_every"}
 
 
 def _check_run_config(run: str, cfg) -> None:
     path = os.path.join(run, "config.json")
     now = dataclasses.asdict(cfg)
     if os.path.exists(path):
-        old = json.load(open(path))
-        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
+        old = {**dataclasses.asdict(type(cfg)()), **json.load(open(path))}  # an option added since: its default
+        diff = [k for k in now if k not in RESUMABLE and old[k] != now[k]]
         if diff:
             k = diff[0]
-            sys.exit(f"error: {run} holds a run with --{k} {old.get(k)!r}, not {now[k]!r}; "
+            sys.exit(f"error: {run} holds a run with --{k} {old[k]!r}, not {now[k]!r}; "
                      f"rerun with the same options to resume, or choose another --out")
-    envs.write_json(path, now)
+    if is_main():
+        envs.write_json(path, now)
 
 
 def _truncate_log(path: str, step: int) -> None:
     """Drop per-step metric lines past the checkpoint (a killed run wrote them; the resumed run
     writes them again), so the file reads as one uninterrupted run."""
-    if os.path.exists(path):
+    if os.path.exists(path) and is_main():
         lines = [x for x in open(path) if json.loads(x).get("step", 0) <= step]
         envs.atomic_write(path, "".join(lines))
 
@@ -777,7 +1001,11 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     collect-<it>.pt, eval-iter<it>-{dev,test}/ (summary.json, trajectories.json), iter<it>/ (the
     policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
     written every save_every steps). Rerunning the same command after a crash or kill -9 resumes
-    from last/ and ends with the same numbers as an uninterrupted run. Returns the table rows."""
+    from last/ and ends with the same numbers as an uninterrupted run. Returns the table rows.
+
+    Under torchrun every rank runs this loop: collect shards its inspection / rollouts and gathers
+    them, each update takes this rank's slice of the global batch, rank 0 writes every file, and
+    all ranks read last/ and collect-<it>.pt to resume."""
     seed_all(cfg.seed)
     novice = train_sft(cfg)
     run = os.path.join(cfg.out, method.name)
@@ -787,11 +1015,13 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     last, metrics = os.path.join(run, "last"), os.path.join(run, "metrics.jsonl")
     resumed = os.path.exists(os.path.join(last, "trainer_state.json"))
     model, tok = load(last if resumed else novice, cfg)
+    if cfg.fsdp:
+        fsdp_wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=method.lr, betas=(0.9, 0.95), weight_decay=0.0)
     state = {"iteration": 0, "batch": 0, "step": 0, "done": False}
     if resumed:
         state = json.load(open(os.path.join(last, "trainer_state.json")))
-        opt.load_state_dict(torch.load(os.path.join(last, "optimizer.pt"), map_location=model.device))
+        load_optim_state(model, opt, os.path.join(last, "optimizer.pt"))
         method.load_state_dict(torch.load(os.path.join(last, "method.pt"), map_location=model.device,
                                           weights_only=False))
         _truncate_log(metrics, state["step"])
@@ -800,8 +1030,10 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     log = Log(metrics)
 
     def save():
-        M.save_model(model, tok, last, extra={"trainer_state.json": state, "optimizer.pt": opt.state_dict(),
-                                              "method.pt": method.state_dict()})
+        full, opt_state = replica(model), optim_state(model, opt)
+        if is_main():
+            M.save_model(full, tok, last, extra={"trainer_state.json": state, "optimizer.pt": opt_state,
+                                                 "method.pt": method.state_dict()})
 
     for it in range(cfg.iterations):
         if it > state["iteration"] or (it == state["iteration"] and not state["done"]):
@@ -810,13 +1042,15 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                 data = torch.load(path, weights_only=False)
             else:
                 seed_all(cfg.seed * 1000 + it)
-                g = torch.Generator(device=model.device).manual_seed(cfg.seed * 1000 + it)
-                data = method.collect(model, tok, it, g)
-                atomic_torch_save(data, path)
+                g = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed * 1000 + it))
+                data = method.collect(replica(model), tok, it, g)  # the same on every rank (gathered)
+                if is_main():
+                    atomic_torch_save(data, path)
             n = method.n_updates(data)
             first = state["batch"] if state["iteration"] == it else 0
             model.train()
-            bar = tqdm(range(first, n), desc=f"reflect {it + 1}/{cfg.iterations}", dynamic_ncols=True)
+            bar = tqdm(range(first, n), desc=f"reflect {it + 1}/{cfg.iterations}", dynamic_ncols=True,
+                       disable=not is_main())
             for b in bar:
                 m = method.update(model, opt, data, b, it)
                 state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n}
@@ -827,12 +1061,17 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
             state = {**state, "iteration": it, "done": True}
             save()
         ckpt = os.path.join(run, f"iter{it + 1}")
-        get = lambda: (model, tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731  (an earlier iteration)
+        saved = os.path.exists(os.path.join(ckpt, "config.json"))
+        barrier()  # every rank has looked before rank 0 writes it
+        # the policy being trained, or an earlier iteration's checkpoint
+        get = lambda: (replica(model), tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731
         dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, os.path.join(run, f"eval-iter{it + 1}-dev"), "dev")
         test = cached_evaluate(get, cfg, "test", cfg.n_test, os.path.join(run, f"eval-iter{it + 1}-test"), "test")
         table.append((f"{title} iter {it + 1}", test))
-        if not os.path.exists(os.path.join(ckpt, "config.json")):
-            M.save_model(model, tok, ckpt)
+        if not saved:
+            full = replica(model)
+            if is_main():
+                M.save_model(full, tok, ckpt)
             log(event="iteration", iteration=it + 1, step=state["step"], dev_success=dev["success_rate"],
                 dev_reward=dev["avg_reward"], test_success=test["success_rate"], test_reward=test["avg_reward"])
     print(f"\n{cfg.env}, seed {cfg.seed}, {cfg.n_test} test tasks")
@@ -852,6 +1091,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("sft", "inspect", "eval"):
         sys.exit("usage: python stepagent.py sft|inspect|eval [--field value ...]\n" + __doc__.split("\n\n")[-1])
     cmd, cfg = argv[0], parse_config(Config, argv[1:])
+    dist_setup(cfg.device)
     seed_all(cfg.seed)
     if cmd == "sft":
         ckpt = train_sft(cfg)
@@ -869,7 +1109,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         recs = expert_data(cfg)[: cfg.n_inspect or None]
         path = os.path.join(cfg.out, "inspect.jsonl")
-        g = torch.Generator(device=model.device).manual_seed(cfg.seed)
+        g = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed))
         steps = inspect(model, tok, recs, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, g, path,
                         log=Log(os.path.join(cfg.out, "inspect_metrics.jsonl")))
         print(f"{len(steps)} step records in {path}")
@@ -877,3 +1117,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    dist_end()  # torchrun: leave together (a no-op in one process)

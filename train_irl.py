@@ -72,16 +72,19 @@ class IRLConfig(S.Config):
 # ----------------------------------------------------------------------------- losses
 
 
-def disc_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor) -> torch.Tensor:
+def disc_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert: float = 1.0,
+              w_agent: float = 1.0) -> torch.Tensor:
     """L_D / 2 = mean(-log D(s, a_t)) / 2 + mean(-log(1 - D(s, b))) / 2 from D's logits, expert (E,)
-    labelled 1 and agent (N,) labelled 0, each set averaged on its own. Zero logits give log 2."""
-    return 0.5 * (F.binary_cross_entropy_with_logits(expert_logits, torch.ones_like(expert_logits))
-                  + F.binary_cross_entropy_with_logits(agent_logits, torch.zeros_like(agent_logits)))
+    labelled 1 and agent (N,) labelled 0, each set averaged on its own. Zero logits give log 2.
+    w_expert, w_agent: the two means' weights (under torchrun this rank's shares of the global counts)."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(expert_logits, torch.ones_like(expert_logits)) * w_expert
+                  + F.binary_cross_entropy_with_logits(agent_logits, torch.zeros_like(agent_logits)) * w_agent)
 
 
-def disc_accuracy(expert_logits: torch.Tensor, agent_logits: torch.Tensor) -> dict:
-    return {"disc/acc_expert": (expert_logits > 0).float().mean().item(),
-            "disc/acc_agent": (agent_logits < 0).float().mean().item()}
+def disc_accuracy(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert: float = 1.0,
+                  w_agent: float = 1.0) -> dict:
+    return {"disc/acc_expert": (expert_logits > 0).float().mean().item() * w_expert,
+            "disc/acc_agent": (agent_logits < 0).float().mean().item() * w_agent}
 
 
 def step_reward(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -232,8 +235,8 @@ class Inverse(S.Method):
     def old_logps(self, model, jobs) -> list[torch.Tensor]:
         """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
         with torch.no_grad(), S.autocast(model.device, self.cfg.amp):
-            return [action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu()
-                    for j in tqdm(jobs, desc="old log-probs", leave=False)]
+            return S.gather([action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu()
+                             for j in tqdm(S.shard(jobs), desc="old log-probs", leave=False, disable=not S.is_main())])
 
     def n_disc(self, data) -> int:
         return self.cfg.disc_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
@@ -247,30 +250,33 @@ class Inverse(S.Method):
         self.steps += 1
         nd = self.n_disc(data)
         if b < nd:
-            return self.disc_step(data, self.batch(len(data["jobs"]), b, it))
+            return self.disc_step(data, *S.shard_batch(self.batch(len(data["jobs"]), b, it)))
         if self.adv is None or self.adv[0] != it:
             self.adv = (it, *self.advantages(data, it, announce=b == nd))
-        return self.pg_step(model, opt, data, self.batch(len(data["jobs"]), b - nd, it))
+        return self.pg_step(model, opt, data, *S.shard_batch(self.batch(len(data["jobs"]), b - nd, it)))
 
-    def disc_step(self, data, idx: list[int]) -> dict:
+    def disc_step(self, data, idx: list[int], live: bool = True) -> dict:
+        """A D step on items idx, this rank's slice of the global batch (live False: a stand-in at weight 0)."""
         c, disc = self.cfg, self.discriminator().train()
         with S.autocast(disc["body"].device, c.amp):
             out = disc_logits(disc["body"], disc["head"], [S.pack_row(*data["jobs"][i]) for i in idx])
         e, a = torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
-        loss = disc_loss(e, a)
+        w_e, w_a = S.shares(len(e) * live, len(a) * live)  # of the global batch's expert / agent actions
+        loss = disc_loss(e, a, w_e, w_a)
         gn = TI.step(disc, self.disc_opt, loss, c)["grad_norm"]
-        return {"losses/disc": loss.item(), **disc_accuracy(e, a), "disc/grad_norm": gn}
+        return {**S.all_sum({"losses/disc": loss.item(), **disc_accuracy(e, a, w_e, w_a)}), "disc/grad_norm": gn}
 
     def advantages(self, data, it: int, announce: bool):
         """Per trajectory: group advantages (C,) and rewards (C,) of its practices under D."""
         c, disc, jobs = self.cfg, self.discriminator(), data["jobs"]
-        es, cs = [], []
+        chunks = [jobs[lo:lo + c.traj_batch] for lo in range(0, len(jobs), c.traj_batch)]
+        out = []  # per chunk, each rank its share of the chunks
         with torch.no_grad(), S.autocast(disc["body"].device, c.amp):
-            for lo in range(0, len(jobs), c.traj_batch):
-                rows = [S.pack_row(*j) for j in jobs[lo:lo + c.traj_batch]]
-                for e, x in disc_logits(disc["body"], disc["head"], rows):
-                    es.append(e.cpu())
-                    cs.append(x.cpu())
+            for chunk in S.shard(chunks):
+                out.append([(e.cpu(), x.cpu()) for e, x in disc_logits(disc["body"], disc["head"],
+                                                                       [S.pack_row(*j) for j in chunk])])
+        scored = [ex for chunk in S.gather(out) for ex in chunk]  # (expert (T,), practices (C,)) per trajectory
+        es, cs = [e for e, _ in scored], [x for _, x in scored]
         rewards = [step_reward(x, c.reward) for x in cs]
         if announce:  # D's accuracy on this iteration's data after its steps: a convergence proxy
             e, a = torch.cat(es), torch.cat(cs)
@@ -278,18 +284,22 @@ class Inverse(S.Method):
                      **{"losses/disc": disc_loss(e, a).item(), "rewards/mean": torch.cat(rewards).mean().item()})
         return [group_advantages(r.view(-1, c.k), c.adv_std).flatten() for r in rewards], rewards
 
-    def pg_step(self, model, opt, data, idx: list[int]) -> dict:
+    def pg_step(self, model, opt, data, idx: list[int], live: bool = True) -> dict:
+        """A PPO step on items idx, this rank's slice of the global batch (live False: a stand-in at weight 0)."""
         c = self.cfg
         with S.autocast(model.device, c.amp):
             lp, ent, act = action_tokens(model, [S.pack_row(*data["jobs"][i]) for i in idx], self.own)
         old = torch.cat([data["old"][i] for i in idx]).to(model.device)
         adv = torch.cat([self.adv[1][i] for i in idx]).to(model.device)
-        pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)
-        kl = kl_k3(lp, old)
+        pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)  # a mean over actions (tokens)
+        kl = kl_k3(lp, old)  # a mean over tokens
         reward = torch.cat([self.adv[2][i] for i in idx]).mean().item()
-        m = {"losses/pg": pg.item(), "losses/kl": kl.item(), "rewards/mean": reward, "policy/clip_frac": clip.item(),
-             "policy/entropy": ent.mean().item(), "actions": len(adv)}
-        return {**m, **TI.step(model, opt, pg + c.kl_coef * kl, c)}
+        w_a, w_t = S.shares(len(adv) * live, len(lp) * live)  # of the global batch's actions, tokens
+        w_pg = w_t if c.token_level else w_a
+        m = S.all_sum({"losses/pg": pg.item() * w_pg, "losses/kl": kl.item() * w_t, "rewards/mean": reward * w_a,
+                       "policy/clip_frac": clip.item() * w_pg, "policy/entropy": ent.mean().item() * w_t,
+                       "actions": len(adv) * live})
+        return {**m, **TI.step(model, opt, pg * w_pg + c.kl_coef * kl * w_t, c)}
 
 
 class Outcome(Inverse):
@@ -326,6 +336,7 @@ class Outcome(Inverse):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
+    S.dist_setup(cfg.device)
     if cfg.reward not in (*REWARDS, "outcome"):
         sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
     if cfg.k < 2:
@@ -342,3 +353,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    S.dist_end()  # torchrun: leave together (a no-op in one process)
