@@ -20,7 +20,7 @@ Speed (DESIGN §4): the K practices of every state of one trajectory are sampled
 single prefill of the whole expert trajectory (`sample_practice`), and scoring packs the expert
 trajectory and all candidates into one row (`pack_row`); the naive versions are kept as references.
 
-Several processes (`torchrun --nproc_per_node N`, any script): each rank plays its shard of the
+Several processes (`torchrun --nproc_per_node N`, any script; the helpers are in parallel.py): each rank plays its shard of the
 evaluation tasks and rollouts and inspects its shard of the trajectories; the results are gathered,
 so every summary is over all tasks. Each optimiser step takes the same global batch as one process
 (batch_size trajectories for SFT, traj_batch for a reflection update), each rank its slice
@@ -48,11 +48,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import envs
 import model as M
+import parallel as P
 
 # ----------------------------------------------------------------------------- config and logging
 
@@ -137,7 +137,7 @@ class Log:
 
     def __init__(self, path: str):
         self.f = None  # torchrun: only rank 0 writes
-        if is_main():
+        if P.is_main():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.f = open(path, "a")
 
@@ -153,191 +153,9 @@ class Log:
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kv.items()))
 
 
-def get_device(name: str) -> torch.device:
-    """auto: cuda if there is one, else cpu; under torchrun cuda means this rank's GPU, cuda:LOCAL_RANK."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(name)
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- several processes (torchrun)
-
-
-def dist_setup(device: str = "auto") -> None:
-    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, gloo on CPU and
-    nccl on CUDA (one GPU per rank, cuda:LOCAL_RANK); ranks other than 0 print nothing; the script
-    ends with dist_end(). Without torchrun: nothing, and the helpers below do nothing (or return
-    their argument)."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        return
-    dev = get_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")  # prints and tqdm.write; tracebacks (stderr) still show
-
-
-def dist_end() -> None:
-    """The end of a script under torchrun: wait for every rank, leave the process group and exit
-    at once. Python's own shutdown would race gloo's worker threads, which can still be freeing the
-    last collective's tensors (a SIGABRT, 'terminate called without an active exception', in about
-    1 run in 10 on CPU; pytorch/pytorch PR 179291), so the process ends with os._exit(0) after
-    flushing its output. Without torchrun: nothing."""
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (e.g. for a file rank 0 writes)."""
-    if world() > 1:
-        dist.barrier()
-
-
-def rank_seed(seed: int) -> int:
-    """A sampling seed of its own per rank (the seed itself on rank 0 and in one process)."""
-    return seed + 1_000_000 * rank()
-
-
-def shard(items: list) -> list:
-    """This rank's share of items, items[rank::world]."""
-    return items[rank()::world()]
-
-
-def gather(mine: list) -> list:
-    """shard's inverse: every rank's list (its shard's results, one per item) gathered, in the
-    original item order, on every rank."""
-    if world() == 1:
-        return mine
-    parts = [None] * world()
-    dist.all_gather_object(parts, mine)
-    return [parts[i % world()][i // world()] for i in range(sum(len(p) for p in parts))]
-
-
-def shard_batch(idx: list[int]) -> tuple[list[int], bool]:
-    """This rank's slice of a global batch, and whether it is real. A rank left without items (a
-    batch smaller than the number of ranks) runs the batch's first item at weight 0 instead (live
-    False: its counts enter `shares` as 0), so every rank makes the same forwards and collectives."""
-    mine = shard(idx)
-    return (mine, True) if mine else (idx[:1], False)
-
-
-def all_sum(values: dict) -> dict:
-    """Each value summed over the ranks, one all_reduce (the dict itself in one process); ints stay ints."""
-    if world() == 1:
-        return values
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return {k: type(v)(x) if isinstance(v, int) else x for (k, v), x in zip(values.items(), t.tolist())}
-
-
-def shares(*counts: int) -> list[float]:
-    """Each local count's share of its sum over the ranks (1.0 in one process). A local mean times
-    its share is this rank's part of the global batch's mean: summed over the ranks (the gradients,
-    by allreduce_grads) it is the one-process mean."""
-    if world() == 1:
-        return [1.0] * len(counts)
-    total = all_sum(dict(enumerate(counts)))
-    return [n / total[i] if n else 0.0 for i, n in enumerate(counts)]
-
-
-def allreduce_grads(model: torch.nn.Module) -> None:
-    """Sum the gradients over the ranks, before clipping (so every rank clips and steps alike);
-    a parameter this rank's forward did not reach contributes zeros."""
-    if world() == 1:
-        return
-    if is_fsdp(model):  # fully_shard's reduce-scatter in backward averaged them already: make that the sum
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(world())
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-
-
-def fsdp_wrap(model: M.Transformer) -> M.Transformer:
-    """--fsdp: shard the policy's weights, gradients and optimiser state over the ranks, FSDP2's
-    fully_shard on every transformer block and then on the whole model (embeddings, final norm,
-    head); `hidden` gets FSDP's gather hooks as `forward` has. Make the optimiser after this."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    if not dist.is_initialized():
-        sys.exit("error: --fsdp true shards over the ranks of torchrun: run under torchrun --nproc_per_node N")
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    register_fsdp_forward_method(model, "hidden")
-    return model
-
-
-def is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def replica(model: M.Transformer) -> M.Transformer:
-    """The policy as a plain model on this rank: itself, or under --fsdp a copy with its full weights
-    gathered (a collective: every rank calls it). Generation and no-grad scoring use it (each rank
-    runs a different number of forwards on its own shard, which FSDP's per-forward gathers cannot
-    follow), and so does saving."""
-    if not is_fsdp(model):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    with torch.device("meta"):
-        full = M.Transformer(model.args)
-    full.load_state_dict(sd, assign=True)
-    if model.args.tie_embeddings:
-        full.lm_head.weight = full.model.embed_tokens.weight
-    full.inv_freq = M.rope_inv_freq(model.args, model.device)
-    return full.train(model.training)
-
-
-def optim_state(model, opt) -> dict:
-    """The optimiser's state to save; under --fsdp gathered in full on rank 0 (a collective)."""
-    if not is_fsdp(model):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optim_state(model, opt, path: str) -> None:
-    sd = torch.load(path, map_location=model.device)
-    if not is_fsdp(model):
-        return opt.load_state_dict(sd)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -390,11 +208,11 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     values stay cached between its turns (model.ChatCache; reuse_cache=False re-prefills every turn,
     the reference bench.py compares with). Returns one ETO record per task with reward, success and
     steps added. Under torchrun each rank plays its shard of the tasks; every rank gets all records."""
-    tasks = shard(tasks)
+    tasks = P.shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
     pool = [envs.load_env(env_name, **(env_kwargs or {})) for _ in range(min(batch, len(tasks)))]
-    bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
+    bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not P.is_main())
     for lo in range(0, len(tasks), batch):
         live = []
         for env, i in zip(pool, range(lo, min(lo + batch, len(tasks)))):
@@ -423,7 +241,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     for env in pool:
         getattr(env, "close", lambda: None)()
     bar.close()
-    return gather(results)
+    return P.gather(results)
 
 
 def _finish(results, s, tasks, bar):
@@ -456,7 +274,7 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
                "avg_reward": sum(r["reward"] for r in recs) / max(1, len(recs)),
                "success_rate": sum(r["success"] for r in recs) / max(1, len(recs)),
                "avg_steps": sum(r["steps"] for r in recs) / max(1, len(recs)), "seconds": time.time() - t0}
-    if out_dir and is_main():
+    if out_dir and P.is_main():
         envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
         envs.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
@@ -470,9 +288,9 @@ def expert_data(cfg: Config) -> list[dict]:
     torchrun rank 0 makes it and the others read it)."""
     path = os.path.join(cfg.out, "data", f"{cfg.env}_train_{cfg.n_train}_seed{cfg.seed}.json")
     made = None
-    if is_main() and not os.path.exists(path):
+    if P.is_main() and not os.path.exists(path):
         made = _make_expert_data(cfg, path)
-    barrier()
+    P.barrier()
     return made or envs.load_trajectories(path)
 
 
@@ -500,18 +318,18 @@ def prepare_base(cfg: Config, records: list[dict]) -> str:
     """The model SFT starts from: a folder in the Hugging Face layout (under torchrun made by rank 0)."""
     if cfg.preset == "smollm2":
         path = os.path.join("checkpoints", "smollm2-135m-instruct")
-        if is_main() and not os.path.exists(os.path.join(path, "config.json")):
+        if P.is_main() and not os.path.exists(os.path.join(path, "config.json")):
             M.convert_gguf(M.find_smollm2_gguf(), path)
-        barrier()
+        P.barrier()
         return path
     if cfg.preset != "tiny":
         if not os.path.exists(os.path.join(cfg.preset, "config.json")):
             raise FileNotFoundError(f"--preset {cfg.preset!r}: not tiny/smollm2 and no config.json there")
         return cfg.preset
     path = os.path.join(cfg.out, "base")
-    if is_main() and not os.path.exists(os.path.join(path, "config.json")):
+    if P.is_main() and not os.path.exists(os.path.join(path, "config.json")):
         _make_tiny_base(cfg, records, path)
-    barrier()
+    P.barrier()
     return path
 
 
@@ -531,7 +349,7 @@ def _make_tiny_base(cfg: Config, records: list[dict], path: str) -> None:
 
 
 def load(path: str, cfg: Config):
-    return M.load_model(path, device=get_device(cfg.device), dtype=cfg.dtype)
+    return M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype)
 
 
 # ----------------------------------------------------------------------------- SFT (the novice)
@@ -646,7 +464,7 @@ def train_sft(cfg: Config) -> str:
         return ckpt
     model, tok = load(ckpt if state["epoch"] else base, cfg)
     if cfg.fsdp:
-        fsdp_wrap(model)
+        P.fsdp_wrap(model)
     device = model.device
     pattern = getattr(envs.load_env(cfg.env), "opaque_ids", None) if cfg.rename_ids else None
 
@@ -660,7 +478,7 @@ def train_sft(cfg: Config) -> str:
     total = steps_per_epoch * n_epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state["epoch"]:
-        load_optim_state(model, opt, os.path.join(ckpt, "optimizer.pt"))
+        P.load_optim_state(model, opt, os.path.join(ckpt, "optimizer.pt"))
         print(f"resuming SFT from {ckpt} after epoch {state['epoch']}")
     log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))
     step = state["step"]
@@ -671,22 +489,22 @@ def train_sft(cfg: Config) -> str:
             data = epoch_data(epoch)
         batches = length_batches([len(d[0]) for d in data], cfg.batch_size, cfg.seed * 1000 + epoch)
         desc = f"{'pretrain' if pre else 'sft'} epoch {epoch + 1}/{n_epochs}"
-        bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True, disable=not is_main())
+        bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True, disable=not P.is_main())
         t0, tokens = time.time(), 0
         for b in bar:
-            mine, live = shard_batch(batches[b])  # this rank's slice of the global batch (all of it in one process)
+            mine, live = P.shard_batch(batches[b])  # this rank's slice of the global batch (all of it in one process)
             x, tm = collate([data[i] for i in mine], tok.pad_id, device, all_tokens=pre)
             with autocast(device, cfg.amp):
                 loss = sft_loss(model, x, tm)  # the mean over this rank's target tokens
-            w, = shares(int(tm.sum()) * live)  # this rank's share of the global batch's target tokens
+            w, = P.shares(int(tm.sum()) * live)  # this rank's share of the global batch's target tokens
             (loss * w / cfg.grad_accum).backward()
-            loss_all = all_sum({"loss": loss.item() * w})["loss"]  # the global batch's mean
+            loss_all = P.all_sum({"loss": loss.item() * w})["loss"]  # the global batch's mean
             tokens += x.numel() * live
             if (b + 1) % cfg.grad_accum == 0 or b == n_batches - 1:
                 lr = lr_at(step, total, cfg.warmup, cfg.sft_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                allreduce_grads(model)
+                P.allreduce_grads(model)
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -694,17 +512,17 @@ def train_sft(cfg: Config) -> str:
                 bar.set_postfix(loss=f"{loss_all:.3f}", lr=f"{lr:.2e}")
                 if step % cfg.log_every == 0:
                     log.write(step=step, loss=loss_all, lr=lr, grad_norm=gn.item())
-        speed = all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
-        dev = {} if pre else evaluate(replica(model), tok, cfg, "dev", cfg.n_dev, desc="sft dev")
+        speed = P.all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
+        dev = {} if pre else evaluate(P.replica(model), tok, cfg, "dev", cfg.n_dev, desc="sft dev")
         model.train()
         log(event="pretrain_epoch" if pre else "sft_epoch", epoch=epoch + 1, step=step, loss=loss_all,
             **({} if pre else {"dev_success": dev["success_rate"], "dev_reward": dev["avg_reward"]}),
             tokens_per_s=speed)
-        full, opt_state = replica(model), optim_state(model, opt)
-        if is_main():
+        full, opt_state = P.replica(model), P.optim_state(model, opt)
+        if P.is_main():
             M.save_model(full, tok, ckpt, extra={"trainer_state.json": {"epoch": epoch + 1, "step": step, "dev": dev},
                                                  "optimizer.pt": opt_state})
-    barrier()  # the other ranks go on to read the novice rank 0 wrote
+    P.barrier()  # the other ranks go on to read the novice rank 0 wrote
     print(f"novice saved to {ckpt}")
     return ckpt
 
@@ -785,7 +603,7 @@ def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, t
     per_rec, skipped = [], 0  # per_rec: the step records of each of this rank's records
     was_training = model.training
     model.eval()
-    for rec in tqdm(shard(records), desc=f"inspect K={k}", leave=False, dynamic_ncols=True, disable=not is_main()):
+    for rec in tqdm(P.shard(records), desc=f"inspect K={k}", leave=False, dynamic_ncols=True, disable=not P.is_main()):
         msgs = to_messages(rec)
         ids, spans = turn_spans(tok, msgs)
         fits = [i for i, (s, _) in enumerate(spans) if s + max_new_tokens <= model.args.max_seq_len]
@@ -808,11 +626,11 @@ def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, t
             rec_steps.append({"traj_id": rec["id"], "step": t, "expert": experts[t],
                               "expert_action": envs.parse_action(experts[t]), "agent": agent})
     model.train(was_training)
-    steps = [s for rec_steps in gather(per_rec) for s in rec_steps]
-    skipped = all_sum({"skipped": skipped})["skipped"]
+    steps = [s for rec_steps in P.gather(per_rec) for s in rec_steps]
+    skipped = P.all_sum({"skipped": skipped})["skipped"]
     if skipped:
         tqdm.write(f"note: {skipped} states longer than the context were not inspected")
-    if out_path and is_main():
+    if out_path and P.is_main():
         envs.atomic_write(out_path, "".join(json.dumps(s) + "\n" for s in steps))
     if log is not None:
         rates = match_rates(steps)
@@ -963,14 +781,14 @@ def _check_run_config(run: str, cfg) -> None:
             k = diff[0]
             sys.exit(f"error: {run} holds a run with --{k} {old[k]!r}, not {now[k]!r}; "
                      f"rerun with the same options to resume, or choose another --out")
-    if is_main():
+    if P.is_main():
         envs.write_json(path, now)
 
 
 def _truncate_log(path: str, step: int) -> None:
     """Drop per-step metric lines past the checkpoint (a killed run wrote them; the resumed run
     writes them again), so the file reads as one uninterrupted run."""
-    if os.path.exists(path) and is_main():
+    if os.path.exists(path) and P.is_main():
         lines = [x for x in open(path) if json.loads(x).get("step", 0) <= step]
         envs.atomic_write(path, "".join(lines))
 
@@ -1016,12 +834,12 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     resumed = os.path.exists(os.path.join(last, "trainer_state.json"))
     model, tok = load(last if resumed else novice, cfg)
     if cfg.fsdp:
-        fsdp_wrap(model)
+        P.fsdp_wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=method.lr, betas=(0.9, 0.95), weight_decay=0.0)
     state = {"iteration": 0, "batch": 0, "step": 0, "done": False}
     if resumed:
         state = json.load(open(os.path.join(last, "trainer_state.json")))
-        load_optim_state(model, opt, os.path.join(last, "optimizer.pt"))
+        P.load_optim_state(model, opt, os.path.join(last, "optimizer.pt"))
         method.load_state_dict(torch.load(os.path.join(last, "method.pt"), map_location=model.device,
                                           weights_only=False))
         _truncate_log(metrics, state["step"])
@@ -1030,8 +848,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     log = Log(metrics)
 
     def save():
-        full, opt_state = replica(model), optim_state(model, opt)
-        if is_main():
+        full, opt_state = P.replica(model), P.optim_state(model, opt)
+        if P.is_main():
             M.save_model(full, tok, last, extra={"trainer_state.json": state, "optimizer.pt": opt_state,
                                                  "method.pt": method.state_dict()})
 
@@ -1042,15 +860,15 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                 data = torch.load(path, weights_only=False)
             else:
                 seed_all(cfg.seed * 1000 + it)
-                g = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed * 1000 + it))
-                data = method.collect(replica(model), tok, it, g)  # the same on every rank (gathered)
-                if is_main():
+                g = torch.Generator(device=model.device).manual_seed(P.rank_seed(cfg.seed * 1000 + it))
+                data = method.collect(P.replica(model), tok, it, g)  # the same on every rank (gathered)
+                if P.is_main():
                     atomic_torch_save(data, path)
             n = method.n_updates(data)
             first = state["batch"] if state["iteration"] == it else 0
             model.train()
             bar = tqdm(range(first, n), desc=f"reflect {it + 1}/{cfg.iterations}", dynamic_ncols=True,
-                       disable=not is_main())
+                       disable=not P.is_main())
             for b in bar:
                 m = method.update(model, opt, data, b, it)
                 state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n}
@@ -1062,15 +880,15 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
             save()
         ckpt = os.path.join(run, f"iter{it + 1}")
         saved = os.path.exists(os.path.join(ckpt, "config.json"))
-        barrier()  # every rank has looked before rank 0 writes it
+        P.barrier()  # every rank has looked before rank 0 writes it
         # the policy being trained, or an earlier iteration's checkpoint
-        get = lambda: (replica(model), tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731
+        get = lambda: (P.replica(model), tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731
         dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, os.path.join(run, f"eval-iter{it + 1}-dev"), "dev")
         test = cached_evaluate(get, cfg, "test", cfg.n_test, os.path.join(run, f"eval-iter{it + 1}-test"), "test")
         table.append((f"{title} iter {it + 1}", test))
         if not saved:
-            full = replica(model)
-            if is_main():
+            full = P.replica(model)
+            if P.is_main():
                 M.save_model(full, tok, ckpt)
             log(event="iteration", iteration=it + 1, step=state["step"], dev_success=dev["success_rate"],
                 dev_reward=dev["avg_reward"], test_success=test["success_rate"], test_reward=test["avg_reward"])
@@ -1091,7 +909,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("sft", "inspect", "eval"):
         sys.exit("usage: python stepagent.py sft|inspect|eval [--field value ...]\n" + __doc__.split("\n\n")[-1])
     cmd, cfg = argv[0], parse_config(Config, argv[1:])
-    dist_setup(cfg.device)
+    P.dist_setup(cfg.device)
     seed_all(cfg.seed)
     if cmd == "sft":
         ckpt = train_sft(cfg)
@@ -1109,7 +927,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         recs = expert_data(cfg)[: cfg.n_inspect or None]
         path = os.path.join(cfg.out, "inspect.jsonl")
-        g = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed))
+        g = torch.Generator(device=model.device).manual_seed(P.rank_seed(cfg.seed))
         steps = inspect(model, tok, recs, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, g, path,
                         log=Log(os.path.join(cfg.out, "inspect_metrics.jsonl")))
         print(f"{len(steps)} step records in {path}")
@@ -1117,4 +935,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    dist_end()  # torchrun: leave together (a no-op in one process)
+    P.dist_end()  # torchrun: leave together (a no-op in one process)

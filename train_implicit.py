@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import envs
 import model as M
+import parallel as P
 import stepagent as S
 
 
@@ -118,7 +119,7 @@ def pair_logps_naive(model, jobs):
 def dpo_metrics(losses, r_c, r_r, logps_expert, w: float = 1.0, w_expert: float = 1.0) -> dict:
     """An update's means over its global batch: under torchrun each rank's means times its shares (w
     of the pairs, w_expert of the expert actions), summed over the ranks; the means themselves in one process."""
-    return S.all_sum({"losses/dpo": losses.mean().item() * w, "rewards/chosen": r_c.mean().item() * w,
+    return P.all_sum({"losses/dpo": losses.mean().item() * w, "rewards/chosen": r_c.mean().item() * w,
                       "rewards/rejected": r_r.mean().item() * w, "rewards/margins": (r_c - r_r).mean().item() * w,
                       "rewards/accuracy": (r_c > r_r).float().mean().item() * w, "pairs": len(losses) * (w > 0),
                       "logps/expert": logps_expert.mean().item() * w_expert})
@@ -141,22 +142,22 @@ class StepDPO(S.Method):
         jobs = build_jobs(tok, recs, steps)
         with torch.no_grad(), S.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
             ref = [tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0])
-                   for j in tqdm(S.shard(jobs), desc="reference log-probs", leave=False, disable=not S.is_main())]
-        return {"jobs": jobs, "ref": S.gather(ref)}
+                   for j in tqdm(P.shard(jobs), desc="reference log-probs", leave=False, disable=not P.is_main())]
+        return {"jobs": jobs, "ref": P.gather(ref)}
 
     def n_updates(self, data) -> int:
         return self.cfg.dpo_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
 
     def update(self, model, opt, data, b, it) -> dict:
         c = self.cfg
-        idx, live = S.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
+        idx, live = P.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
         jobs = [data["jobs"][i] for i in idx]
         with S.autocast(model.device, c.amp):
             scores = S.score_packed(model, [S.pack_row(*j[:3]) for j in jobs])
         pi_c, pi_r, pi_e = pair_logps(scores, jobs)
         ref_c, ref_r, _ = (x.to(model.device) for x in pair_logps([data["ref"][i] for i in idx], jobs))
         losses, r_c, r_r = step_dpo_loss(pi_c.float(), pi_r.float(), ref_c, ref_r, c.beta)
-        w, w_e = S.shares(len(losses) * live, len(pi_e) * live)  # of the global batch's pairs, expert actions
+        w, w_e = P.shares(len(losses) * live, len(pi_e) * live)  # of the global batch's pairs, expert actions
         loss = losses.mean() * w - c.sft_coef * pi_e.float().mean() * w_e
         return {**dpo_metrics(losses, r_c, r_r, pi_e, w, w_e), **step(model, opt, loss, c)}
 
@@ -164,7 +165,7 @@ class StepDPO(S.Method):
 def step(model, opt, loss, cfg) -> dict:
     """backward, gradients summed over the ranks (torchrun), clip, optimiser step; returns the gradient norm."""
     loss.backward()
-    S.allreduce_grads(model)
+    P.allreduce_grads(model)
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -203,26 +204,26 @@ class TrajectoryDPO(StepDPO):
         ref = []  # per chunk of traj_batch pairs, each rank its share of the chunks
         chunks = [pairs[lo:lo + c.traj_batch] for lo in range(0, len(pairs), c.traj_batch)]
         with torch.no_grad(), S.autocast(model.device, c.amp):
-            for chunk in tqdm(S.shard(chunks), desc="reference log-probs", leave=False, disable=not S.is_main()):
+            for chunk in tqdm(P.shard(chunks), desc="reference log-probs", leave=False, disable=not P.is_main()):
                 lp = trajectory_logps(model, [p for pr in chunk for p in pr], tok.pad_id)
                 ref.append(lp.float().cpu().view(-1, 2).unbind(0))
-        return {"jobs": pairs, "ref": [r for chunk in S.gather(ref) for r in chunk], "pad_id": tok.pad_id}
+        return {"jobs": pairs, "ref": [r for chunk in P.gather(ref) for r in chunk], "pad_id": tok.pad_id}
 
     def update(self, model, opt, data, b, it) -> dict:
         c = self.cfg
-        idx, live = S.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
+        idx, live = P.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
         with S.autocast(model.device, c.amp):
             lp = trajectory_logps(model, [m for i in idx for m in data["jobs"][i]], data["pad_id"]).float().view(-1, 2)
         ref = torch.stack([data["ref"][i] for i in idx]).to(model.device)
         losses, r_c, r_r = step_dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], c.beta)
-        w, = S.shares(len(losses) * live)  # of the global batch's pairs (one expert trajectory each)
+        w, = P.shares(len(losses) * live)  # of the global batch's pairs (one expert trajectory each)
         loss = losses.mean() * w - c.sft_coef * lp[:, 0].mean() * w
         return {**dpo_metrics(losses, r_c, r_r, lp[:, 0], w, w), **step(model, opt, loss, c)}
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(ImplicitConfig, sys.argv[1:] if argv is None else argv)
-    S.dist_setup(cfg.device)
+    P.dist_setup(cfg.device)
     if cfg.level not in ("step", "trajectory"):
         sys.exit(f"error: --level {cfg.level!r}: choose step (StepAgent-Implicit) or trajectory (ETO)")
     method = StepDPO(cfg) if cfg.level == "step" else TrajectoryDPO(cfg)
@@ -231,4 +232,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    S.dist_end()  # torchrun: leave together (a no-op in one process)
+    P.dist_end()  # torchrun: leave together (a no-op in one process)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import envs
+import parallel as P
 import stepagent as S
 import train_implicit as TI
 
@@ -235,8 +236,8 @@ class Inverse(S.Method):
     def old_logps(self, model, jobs) -> list[torch.Tensor]:
         """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
         with torch.no_grad(), S.autocast(model.device, self.cfg.amp):
-            return S.gather([action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu()
-                             for j in tqdm(S.shard(jobs), desc="old log-probs", leave=False, disable=not S.is_main())])
+            return P.gather([action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu()
+                             for j in tqdm(P.shard(jobs), desc="old log-probs", leave=False, disable=not P.is_main())])
 
     def n_disc(self, data) -> int:
         return self.cfg.disc_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
@@ -250,10 +251,10 @@ class Inverse(S.Method):
         self.steps += 1
         nd = self.n_disc(data)
         if b < nd:
-            return self.disc_step(data, *S.shard_batch(self.batch(len(data["jobs"]), b, it)))
+            return self.disc_step(data, *P.shard_batch(self.batch(len(data["jobs"]), b, it)))
         if self.adv is None or self.adv[0] != it:
             self.adv = (it, *self.advantages(data, it, announce=b == nd))
-        return self.pg_step(model, opt, data, *S.shard_batch(self.batch(len(data["jobs"]), b - nd, it)))
+        return self.pg_step(model, opt, data, *P.shard_batch(self.batch(len(data["jobs"]), b - nd, it)))
 
     def disc_step(self, data, idx: list[int], live: bool = True) -> dict:
         """A D step on items idx, this rank's slice of the global batch (live False: a stand-in at weight 0)."""
@@ -261,10 +262,10 @@ class Inverse(S.Method):
         with S.autocast(disc["body"].device, c.amp):
             out = disc_logits(disc["body"], disc["head"], [S.pack_row(*data["jobs"][i]) for i in idx])
         e, a = torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
-        w_e, w_a = S.shares(len(e) * live, len(a) * live)  # of the global batch's expert / agent actions
+        w_e, w_a = P.shares(len(e) * live, len(a) * live)  # of the global batch's expert / agent actions
         loss = disc_loss(e, a, w_e, w_a)
         gn = TI.step(disc, self.disc_opt, loss, c)["grad_norm"]
-        return {**S.all_sum({"losses/disc": loss.item(), **disc_accuracy(e, a, w_e, w_a)}), "disc/grad_norm": gn}
+        return {**P.all_sum({"losses/disc": loss.item(), **disc_accuracy(e, a, w_e, w_a)}), "disc/grad_norm": gn}
 
     def advantages(self, data, it: int, announce: bool):
         """Per trajectory: group advantages (C,) and rewards (C,) of its practices under D."""
@@ -272,10 +273,10 @@ class Inverse(S.Method):
         chunks = [jobs[lo:lo + c.traj_batch] for lo in range(0, len(jobs), c.traj_batch)]
         out = []  # per chunk, each rank its share of the chunks
         with torch.no_grad(), S.autocast(disc["body"].device, c.amp):
-            for chunk in S.shard(chunks):
+            for chunk in P.shard(chunks):
                 out.append([(e.cpu(), x.cpu()) for e, x in disc_logits(disc["body"], disc["head"],
                                                                        [S.pack_row(*j) for j in chunk])])
-        scored = [ex for chunk in S.gather(out) for ex in chunk]  # (expert (T,), practices (C,)) per trajectory
+        scored = [ex for chunk in P.gather(out) for ex in chunk]  # (expert (T,), practices (C,)) per trajectory
         es, cs = [e for e, _ in scored], [x for _, x in scored]
         rewards = [step_reward(x, c.reward) for x in cs]
         if announce:  # D's accuracy on this iteration's data after its steps: a convergence proxy
@@ -294,9 +295,9 @@ class Inverse(S.Method):
         pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)  # a mean over actions (tokens)
         kl = kl_k3(lp, old)  # a mean over tokens
         reward = torch.cat([self.adv[2][i] for i in idx]).mean().item()
-        w_a, w_t = S.shares(len(adv) * live, len(lp) * live)  # of the global batch's actions, tokens
+        w_a, w_t = P.shares(len(adv) * live, len(lp) * live)  # of the global batch's actions, tokens
         w_pg = w_t if c.token_level else w_a
-        m = S.all_sum({"losses/pg": pg.item() * w_pg, "losses/kl": kl.item() * w_t, "rewards/mean": reward * w_a,
+        m = P.all_sum({"losses/pg": pg.item() * w_pg, "losses/kl": kl.item() * w_t, "rewards/mean": reward * w_a,
                        "policy/clip_frac": clip.item() * w_pg, "policy/entropy": ent.mean().item() * w_t,
                        "actions": len(adv) * live})
         return {**m, **TI.step(model, opt, pg * w_pg + c.kl_coef * kl * w_t, c)}
@@ -336,7 +337,7 @@ class Outcome(Inverse):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
-    S.dist_setup(cfg.device)
+    P.dist_setup(cfg.device)
     if cfg.reward not in (*REWARDS, "outcome"):
         sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
     if cfg.k < 2:
@@ -353,4 +354,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    S.dist_end()  # torchrun: leave together (a no-op in one process)
+    P.dist_end()  # torchrun: leave together (a no-op in one process)
