@@ -25,8 +25,11 @@ the environment's final reward R, centred over the task's K rollouts, is the adv
 action of the rollout; the same PPO loss and KL penalty, no discriminator.
 
 Choices: L_D is the mean of the expert and the agent terms, each a mean (balanced, although there
-are K practices per expert action); every practice counts, duplicates and matches included (the
-group needs K samples); the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
+are K practices per expert action); every practice is rewarded and in its group, duplicates and
+matches included (the group needs K samples); D's agent side is every practice too (GAIL), or with
+`--disc_agent unmatched` only those unlike the expert's action: a matching practice is the expert's
+action, labelled both 1 and 0 under GAIL, which pulls D towards 1/2 where the match rate is high
+(the expert side is every expert action either way); the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
 per sampled token, averaged over tokens; `policy/entropy` is the exact entropy of the policy's
 next-token distribution, averaged over the sampled tokens; updates are passes over the iteration's
 data, `traj_batch` expert trajectories (with all their practices; outcome: rollouts) per update;
@@ -68,6 +71,7 @@ class IRLConfig(S.Config):
     kl_coef: float = 0.05  # weight of KL(pi || pi_ref)
     adv_std: bool = False  # divide the group-centred advantages by the group's std
     token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
+    disc_agent: str = "all"  # D's agent side (label 0): all practices (GAIL) | unmatched (those unlike the expert's action)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -78,14 +82,19 @@ def disc_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert:
     """L_D / 2 = mean(-log D(s, a_t)) / 2 + mean(-log(1 - D(s, b))) / 2 from D's logits, expert (E,)
     labelled 1 and agent (N,) labelled 0, each set averaged on its own. Zero logits give log 2.
     w_expert, w_agent: the two means' weights (under torchrun this rank's shares of the global counts)."""
-    return 0.5 * (F.binary_cross_entropy_with_logits(expert_logits, torch.ones_like(expert_logits)) * w_expert
-                  + F.binary_cross_entropy_with_logits(agent_logits, torch.zeros_like(agent_logits)) * w_agent)
+    return 0.5 * (_bce_mean(expert_logits, 1.0) * w_expert + _bce_mean(agent_logits, 0.0) * w_agent)
+
+
+def _bce_mean(logits: torch.Tensor, label: float) -> torch.Tensor:
+    """Mean binary cross-entropy of logits (N,) against one label; 0 for an empty set (a batch with no
+    unmatched practice under --disc_agent unmatched)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label), reduction="sum") / max(1, len(logits))
 
 
 def disc_accuracy(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert: float = 1.0,
                   w_agent: float = 1.0) -> dict:
-    return {"disc/acc_expert": (expert_logits > 0).float().mean().item() * w_expert,
-            "disc/acc_agent": (agent_logits < 0).float().mean().item() * w_agent}
+    return {"disc/acc_expert": (expert_logits > 0).float().sum().item() / max(1, len(expert_logits)) * w_expert,
+            "disc/acc_agent": (agent_logits < 0).float().sum().item() / max(1, len(agent_logits)) * w_agent}
 
 
 def step_reward(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -231,7 +240,15 @@ class Inverse(S.Method):
                 ids, spans = S.turn_spans(tok, S.to_messages(rec))
                 jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"])) for s in by_traj[rec["id"]]
                                           for a in s["agent"]]))
-        return {"jobs": jobs, "old": self.old_logps(model, jobs)}
+        miss = [torch.tensor([not a["match"] for s in by_traj[rec["id"]] for a in s["agent"]])
+                for rec in recs if rec["id"] in by_traj]  # per job (C,): the practices unlike the expert's action
+        return {"jobs": jobs, "old": self.old_logps(model, jobs), "miss": miss}
+
+    def agent_side(self, data, idx: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """D's agent examples among the practices' logits (C,) of jobs idx: all, or the unmatched ones."""
+        if self.cfg.disc_agent == "all":
+            return logits
+        return logits[torch.cat([data["miss"][i] for i in idx]).to(logits.device)]
 
     def old_logps(self, model, jobs) -> list[torch.Tensor]:
         """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
@@ -261,7 +278,7 @@ class Inverse(S.Method):
         c, disc = self.cfg, self.discriminator().train()
         with S.autocast(disc["body"].device, c.amp):
             out = disc_logits(disc["body"], disc["head"], [S.pack_row(*data["jobs"][i]) for i in idx])
-        e, a = torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
+        e, a = torch.cat([x for x, _ in out]), self.agent_side(data, idx, torch.cat([y for _, y in out]))
         w_e, w_a = P.shares(len(e) * live, len(a) * live)  # of the global batch's expert / agent actions
         loss = disc_loss(e, a, w_e, w_a)
         gn = TI.step(disc, self.disc_opt, loss, c)["grad_norm"]
@@ -280,7 +297,7 @@ class Inverse(S.Method):
         es, cs = [e for e, _ in scored], [x for _, x in scored]
         rewards = [step_reward(x, c.reward) for x in cs]
         if announce:  # D's accuracy on this iteration's data after its steps: a convergence proxy
-            e, a = torch.cat(es), torch.cat(cs)
+            e, a = torch.cat(es), self.agent_side(data, range(len(cs)), torch.cat(cs))
             self.log(event="disc", iteration=it + 1, step=self.steps, **disc_accuracy(e, a),
                      **{"losses/disc": disc_loss(e, a).item(), "rewards/mean": torch.cat(rewards).mean().item()})
         return [group_advantages(r.view(-1, c.k), c.adv_std).flatten() for r in rewards], rewards
@@ -340,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     P.dist_setup(cfg.device)
     if cfg.reward not in (*REWARDS, "outcome"):
         sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
+    if cfg.disc_agent not in ("all", "unmatched"):
+        sys.exit(f"error: --disc_agent {cfg.disc_agent!r}: choose all or unmatched")
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
     for name in ("disc_epochs", "pg_epochs", "traj_batch"):

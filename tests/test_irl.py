@@ -71,6 +71,19 @@ def test_group_advantages_rewards_and_disc_loss_by_hand():
     assert acc == {"disc/acc_expert": 0.5, "disc/acc_agent": 0.75}
 
 
+def test_disc_agent_unmatched_keeps_only_practices_unlike_the_expert():
+    # a batch whose practices all match leaves no agent example: only the expert term, no nan
+    assert abs(TR.disc_loss(torch.tensor([1.0]), torch.zeros(0)).item() - 0.5 * math.log(1 + math.exp(-1))) < 1e-6
+    assert TR.disc_accuracy(torch.tensor([1.0]), torch.zeros(0)) == {"disc/acc_expert": 1.0, "disc/acc_agent": 0.0}
+    data = {"miss": [torch.tensor([True, False]), torch.tensor([False, False, True])]}  # two jobs' practices
+    z = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])  # their logits, job 0's then job 1's
+    assert torch.equal(TR.Inverse(TR.IRLConfig(disc_agent="unmatched")).agent_side(data, [0, 1], z),
+                       torch.tensor([0.1, 0.5]))
+    assert torch.equal(TR.Inverse(TR.IRLConfig(disc_agent="unmatched")).agent_side(data, [1], z[2:]),
+                       torch.tensor([0.5]))
+    assert torch.equal(TR.Inverse(TR.IRLConfig()).agent_side(data, [0, 1], z), z)  # GAIL: every practice
+
+
 def _job(tok, texts_by_step):
     ids, spans = S.turn_spans(tok, CONV)
     return ids, spans, [(t, S.turn_ids(tok, x)) for t, xs in texts_by_step for x in xs]
@@ -181,6 +194,14 @@ def test_inverse_smoke(inverse_run):
     inspect = [x for x in lines if x.get("event") == "inspect"]  # the expert-action match rate per step index
     assert [x["iteration"] for x in inspect] == [1, 2] and all(x["match_by_step"].startswith("0:") for x in inspect)
     assert os.path.exists(os.path.join(out, "inverse", "iter2", "model.safetensors"))
+    # each practice's "unlike the expert" flag, kept for --disc_agent unmatched, agrees with inspection's match
+    steps = [json.loads(x) for x in open(os.path.join(out, "inverse", "inspect-1.jsonl"))]
+    want = {}
+    for s in steps:
+        want.setdefault(s["traj_id"], []).extend(not a["match"] for a in s["agent"])
+    data = torch.load(os.path.join(out, "inverse", "collect-1.pt"), weights_only=False)
+    assert [m.tolist() for m in data["miss"]] == list(want.values())
+    assert [len(j[2]) for j in data["jobs"]] == [len(v) for v in want.values()]
 
 
 def test_outcome_ppo_smoke(novice, tmp_path):
