@@ -26,10 +26,12 @@ action of the rollout; the same PPO loss and KL penalty, no discriminator.
 
 Choices: L_D is the mean of the expert and the agent terms, each a mean (balanced, although there
 are K practices per expert action); every practice is rewarded and in its group, duplicates and
-matches included (the group needs K samples); D's agent side is every practice too (GAIL), or with
-`--disc_agent unmatched` only those unlike the expert's action: a matching practice is the expert's
-action, labelled both 1 and 0 under GAIL, which pulls D towards 1/2 where the match rate is high
-(the expert side is every expert action either way); the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
+matches included (the group needs K samples); D learns from every expert action against every
+practice (GAIL), or with `--disc_data erred` only from the states where a practice missed the
+expert's action, that action against the missed practices: under GAIL a matching practice is the
+expert's action labelled both 1 and 0, which holds D at 1/2 where the match rate is high, and
+keeping every expert action against only the misses lets D learn which steps are hard instead
+(the misses sit at the search and the product choice), a reward the group baseline cancels; the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
 per sampled token, averaged over tokens; `policy/entropy` is the exact entropy of the policy's
 next-token distribution, averaged over the sampled tokens; updates are passes over the iteration's
 data, `traj_batch` expert trajectories (with all their practices; outcome: rollouts) per update;
@@ -71,7 +73,7 @@ class IRLConfig(S.Config):
     kl_coef: float = 0.05  # weight of KL(pi || pi_ref)
     adv_std: bool = False  # divide the group-centred advantages by the group's std
     token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
-    disc_agent: str = "all"  # D's agent side (label 0): all practices (GAIL) | unmatched (those unlike the expert's action)
+    disc_data: str = "all"  # D's examples: all (GAIL) | erred (states with a missed practice: expert action vs the misses)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -87,7 +89,7 @@ def disc_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert:
 
 def _bce_mean(logits: torch.Tensor, label: float) -> torch.Tensor:
     """Mean binary cross-entropy of logits (N,) against one label; 0 for an empty set (a batch with no
-    unmatched practice under --disc_agent unmatched)."""
+    missed practice under --disc_data erred)."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label), reduction="sum") / max(1, len(logits))
 
 
@@ -240,15 +242,21 @@ class Inverse(S.Method):
                 ids, spans = S.turn_spans(tok, S.to_messages(rec))
                 jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"])) for s in by_traj[rec["id"]]
                                           for a in s["agent"]]))
-        miss = [torch.tensor([not a["match"] for s in by_traj[rec["id"]] for a in s["agent"]])
-                for rec in recs if rec["id"] in by_traj]  # per job (C,): the practices unlike the expert's action
-        return {"jobs": jobs, "old": self.old_logps(model, jobs), "miss": miss}
+        miss, erred = [], []  # per job: (C,) the practices unlike the expert's action; (T,) the states with one
+        for (ids, spans, _), rec in zip(jobs, [r for r in recs if r["id"] in by_traj]):
+            miss.append(torch.tensor([not a["match"] for s in by_traj[rec["id"]] for a in s["agent"]]))
+            erred.append(torch.zeros(len(spans), dtype=torch.bool))
+            erred[-1][[s["step"] for s in by_traj[rec["id"]] if not all(a["match"] for a in s["agent"])]] = True
+        return {"jobs": jobs, "old": self.old_logps(model, jobs), "miss": miss, "erred": erred}
 
-    def agent_side(self, data, idx: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """D's agent examples among the practices' logits (C,) of jobs idx: all, or the unmatched ones."""
-        if self.cfg.disc_agent == "all":
-            return logits
-        return logits[torch.cat([data["miss"][i] for i in idx]).to(logits.device)]
+    def sides(self, data, idx, expert: torch.Tensor, agent: torch.Tensor):
+        """D's examples among the logits of jobs idx, expert actions (T,) and practices (C,): all of them
+        (GAIL), or with --disc_data erred only the states where a practice missed: their expert actions
+        (label 1) and the missed practices (label 0)."""
+        if self.cfg.disc_data == "all":
+            return expert, agent
+        keep = lambda key: torch.cat([data[key][i] for i in idx]).to(agent.device)  # noqa: E731
+        return expert[keep("erred")], agent[keep("miss")]
 
     def old_logps(self, model, jobs) -> list[torch.Tensor]:
         """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
@@ -278,7 +286,7 @@ class Inverse(S.Method):
         c, disc = self.cfg, self.discriminator().train()
         with S.autocast(disc["body"].device, c.amp):
             out = disc_logits(disc["body"], disc["head"], [S.pack_row(*data["jobs"][i]) for i in idx])
-        e, a = torch.cat([x for x, _ in out]), self.agent_side(data, idx, torch.cat([y for _, y in out]))
+        e, a = self.sides(data, idx, torch.cat([x for x, _ in out]), torch.cat([y for _, y in out]))
         w_e, w_a = P.shares(len(e) * live, len(a) * live)  # of the global batch's expert / agent actions
         loss = disc_loss(e, a, w_e, w_a)
         gn = TI.step(disc, self.disc_opt, loss, c)["grad_norm"]
@@ -297,7 +305,7 @@ class Inverse(S.Method):
         es, cs = [e for e, _ in scored], [x for _, x in scored]
         rewards = [step_reward(x, c.reward) for x in cs]
         if announce:  # D's accuracy on this iteration's data after its steps: a convergence proxy
-            e, a = torch.cat(es), self.agent_side(data, range(len(cs)), torch.cat(cs))
+            e, a = self.sides(data, range(len(cs)), torch.cat(es), torch.cat(cs))
             self.log(event="disc", iteration=it + 1, step=self.steps, **disc_accuracy(e, a),
                      **{"losses/disc": disc_loss(e, a).item(), "rewards/mean": torch.cat(rewards).mean().item()})
         return [group_advantages(r.view(-1, c.k), c.adv_std).flatten() for r in rewards], rewards
@@ -357,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     P.dist_setup(cfg.device)
     if cfg.reward not in (*REWARDS, "outcome"):
         sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
-    if cfg.disc_agent not in ("all", "unmatched"):
-        sys.exit(f"error: --disc_agent {cfg.disc_agent!r}: choose all or unmatched")
+    if cfg.disc_data not in ("all", "erred"):
+        sys.exit(f"error: --disc_data {cfg.disc_data!r}: choose all or erred")
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
     for name in ("disc_epochs", "pg_epochs", "traj_batch"):

@@ -71,17 +71,21 @@ def test_group_advantages_rewards_and_disc_loss_by_hand():
     assert acc == {"disc/acc_expert": 0.5, "disc/acc_agent": 0.75}
 
 
-def test_disc_agent_unmatched_keeps_only_practices_unlike_the_expert():
-    # a batch whose practices all match leaves no agent example: only the expert term, no nan
+def test_disc_data_erred_keeps_only_states_where_a_practice_missed():
+    # a batch without a missed practice leaves no agent example: only the expert term, no nan
     assert abs(TR.disc_loss(torch.tensor([1.0]), torch.zeros(0)).item() - 0.5 * math.log(1 + math.exp(-1))) < 1e-6
     assert TR.disc_accuracy(torch.tensor([1.0]), torch.zeros(0)) == {"disc/acc_expert": 1.0, "disc/acc_agent": 0.0}
-    data = {"miss": [torch.tensor([True, False]), torch.tensor([False, False, True])]}  # two jobs' practices
-    z = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])  # their logits, job 0's then job 1's
-    assert torch.equal(TR.Inverse(TR.IRLConfig(disc_agent="unmatched")).agent_side(data, [0, 1], z),
-                       torch.tensor([0.1, 0.5]))
-    assert torch.equal(TR.Inverse(TR.IRLConfig(disc_agent="unmatched")).agent_side(data, [1], z[2:]),
-                       torch.tensor([0.5]))
-    assert torch.equal(TR.Inverse(TR.IRLConfig()).agent_side(data, [0, 1], z), z)  # GAIL: every practice
+    # two jobs: 2 and 3 expert actions, 2 and 3 practices; job 0 missed at step 1, job 1 at step 2
+    data = {"miss": [torch.tensor([False, True]), torch.tensor([False, False, True])],
+            "erred": [torch.tensor([False, True]), torch.tensor([False, False, True])]}
+    e, a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    erred = TR.Inverse(TR.IRLConfig(disc_data="erred"))
+    kept = erred.sides(data, [0, 1], e, a)
+    assert torch.equal(kept[0], e[[1, 4]]) and torch.equal(kept[1], a[[1, 4]])
+    kept = erred.sides(data, [1], e[2:], a[2:])
+    assert torch.equal(kept[0], e[[4]]) and torch.equal(kept[1], a[[4]])
+    kept = TR.Inverse(TR.IRLConfig()).sides(data, [0, 1], e, a)  # GAIL: everything
+    assert kept[0] is e and kept[1] is a
 
 
 def _job(tok, texts_by_step):
@@ -194,14 +198,17 @@ def test_inverse_smoke(inverse_run):
     inspect = [x for x in lines if x.get("event") == "inspect"]  # the expert-action match rate per step index
     assert [x["iteration"] for x in inspect] == [1, 2] and all(x["match_by_step"].startswith("0:") for x in inspect)
     assert os.path.exists(os.path.join(out, "inverse", "iter2", "model.safetensors"))
-    # each practice's "unlike the expert" flag, kept for --disc_agent unmatched, agrees with inspection's match
+    # the flags --disc_data erred keeps (each practice missed?, each state with a miss?) agree with inspection
     steps = [json.loads(x) for x in open(os.path.join(out, "inverse", "inspect-1.jsonl"))]
-    want = {}
+    miss, erred = {}, {}
     for s in steps:
-        want.setdefault(s["traj_id"], []).extend(not a["match"] for a in s["agent"])
+        miss.setdefault(s["traj_id"], []).extend(not a["match"] for a in s["agent"])
+        erred.setdefault(s["traj_id"], set()).update([s["step"]] if not all(a["match"] for a in s["agent"]) else [])
     data = torch.load(os.path.join(out, "inverse", "collect-1.pt"), weights_only=False)
-    assert [m.tolist() for m in data["miss"]] == list(want.values())
-    assert [len(j[2]) for j in data["jobs"]] == [len(v) for v in want.values()]
+    assert [m.tolist() for m in data["miss"]] == list(miss.values())
+    assert [len(j[2]) for j in data["jobs"]] == [len(v) for v in miss.values()]
+    assert [set(x.nonzero().flatten().tolist()) for x in data["erred"]] == list(erred.values())
+    assert [len(x) for x in data["erred"]] == [len(j[1]) for j in data["jobs"]]  # one flag per expert action
 
 
 def test_outcome_ppo_smoke(novice, tmp_path):
