@@ -8,7 +8,8 @@
     python results.py table --envs hotpotqa --seeds 0 --n_test 50 --out runs/t50 --results runs/t50/RESULTS.md
 
 Options: --envs, --seeds, --out (default runs/table), --results (default RESULTS.md), the sweeps' --what,
---ks, --dims, --sweep_methods, and every field of stepagent.Config, ImplicitConfig and IRLConfig as
+--ks, --dims, --sweep_methods, the table's --methods (a subset to run now, e.g. the cheap ones first:
+every method on disk is reported either way), and every field of stepagent.Config, ImplicitConfig and IRLConfig as
 `--field value` (defaults as in train_implicit.py / train_irl.py, except --n_test 200).
 
 Rows: the novice (SFT); SFT-continued (below); ETO (`train_implicit.py --level trajectory`);
@@ -71,6 +72,7 @@ class TableConfig(TI.ImplicitConfig, TR.IRLConfig):
     ks: str = "1,2,4,8"  # sweep k: practice numbers
     dims: str = "128,256,384"  # sweep size: tiny-preset widths (n_layers and n_heads as given)
     sweep_methods: str = "implicit,inverse"  # the methods a sweep runs (any of METHODS)
+    methods: str = "all"  # the methods the table runs now: all, or a comma-separated subset (all on disk are reported)
 
 
 class SFTContinued(S.Method):
@@ -446,9 +448,10 @@ def main(argv: list[str] | None = None) -> None:
         if bad in argv:
             sys.exit(f"error: {bad} is per cell here; use {bad}s with a comma-separated list")
     cfg = S.parse_config(TableConfig, argv[1:])
-    unknown = [k for k in names(cfg.sweep_methods) if k not in METHODS]
+    table_methods = list(METHODS) if cfg.methods == "all" else names(cfg.methods)
+    unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]
     if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS:
-        sys.exit(f"error: --what {cfg.what!r} (iterations | k | size), --sweep_methods {unknown} (any of "
+        sys.exit(f"error: --what {cfg.what!r} (iterations | k | size), --sweep_methods / --methods {unknown} (any of "
                  f"{', '.join(METHODS)}), --reward {cfg.reward!r} (the inverse method's: {', '.join(TR.REWARDS)})")
     if argv[0] == "report":
         return report(cfg.out, cfg.results)
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     for env in names(cfg.envs):
         for seed in ints(cfg.seeds):
             if argv[0] == "table":
-                for k in METHODS:
+                for k in table_methods:
                     train(cfg, k, env, seed, unseen=True)
             elif cfg.what == "iterations":
                 for k in names(cfg.sweep_methods):

@@ -9,6 +9,8 @@ import math
 import os
 import shlex
 import statistics
+import subprocess
+import sys
 
 import results as R
 from test_implicit import MICRO, _run
@@ -146,3 +148,17 @@ def test_sweep_k_micro(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(block))
     _run(["report", "--out", out, "--results", res], script="results.py")
     assert "(No plot: matplotlib is not installed" in open(res).read()
+
+
+def test_table_methods_runs_a_subset_and_reports_the_rest_missing(tmp_path):
+    out, res = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
+    _run(["table", *TABLE, "--methods", "sft-continued", "--out", out, "--results", res], script="results.py")
+    for cell in glob.glob(os.path.join(out, "hotpotqa-seed*")):
+        trained = sorted(d for d in os.listdir(cell) if os.path.exists(os.path.join(cell, d, "metrics.jsonl")))
+        assert trained == ["sft-continued"]
+    assert len(glob.glob(os.path.join(out, "hotpotqa-seed*"))) == 2
+    rows = _check_table(out, open(res).read())
+    assert rows["SFT-continued"][0] != "—" and rows["ETO"][:4] == ["—"] * 4
+    r = subprocess.run([sys.executable, "results.py", "table", "--methods", "implicit,inverted"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "inverted" in r.stderr and "Traceback" not in r.stderr
