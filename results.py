@@ -310,7 +310,8 @@ def verdicts(cells: dict, n_seeds: int) -> list[str]:
                     continue
                 (ma, sa), (mb, sb) = mean_spread(list(a.values())), mean_spread(list(b.values()))
                 word = "**does not beat it** (equal)" if ma == mb else "**does not beat it**" if ma < mb else \
-                    "beats it, within the spread over seeds" if sa is None or ma - mb <= sa + (sb or 0) else "beats it"
+                    "higher, one seed (no spread over seeds to judge the gap by)" if sa is None else \
+                    "beats it, within the spread over seeds" if ma - mb <= sa + (sb or 0) else "beats it"
                 parts.append(f"{split} success {ma:.3f} vs {mb:.3f}, {word}")
             if any("not computed" not in p for p in parts):
                 lines.append(f"- {LABEL[ours]} vs {LABEL[base]}: " + "; ".join(parts))
@@ -325,7 +326,7 @@ def match_section(cfg: TableConfig, env: str, max_steps: int = 10) -> list[str]:
             per = [m for s in ints(cfg.seeds) if (m := match_by_step(cell_dir(cfg, env, s), key, it))]
             if per:
                 steps = sorted({t for m in per for t in m})
-                rows.append((f"{LABEL[key]}, inspection {it} ({len(per)} seeds)",
+                rows.append((f"{LABEL[key]}, inspection {it} ({len(per)} seed{'s' * (len(per) > 1)})",
                              {t: sum(m[t] for m in per if t in m) / sum(t in m for m in per) for t in steps}))
     if not rows:
         return []
