@@ -30,13 +30,14 @@ matches included (the group needs K samples); D learns from every expert action 
 practice (GAIL), or with `--disc_data erred` only from the states where a practice missed the
 expert's action, that action against the missed practices: under GAIL a matching practice is the
 expert's action labelled both 1 and 0, which holds D at 1/2 where the match rate is high, and
-keeping every expert action against only the misses lets D learn which steps are hard instead
-(the misses sit at the search and the product choice), a reward the group baseline cancels; the KL is Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi,
-per sampled token, averaged over tokens; `policy/entropy` is the exact entropy of the policy's
-next-token distribution, averaged over the sampled tokens; updates are passes over the iteration's
-data, `traj_batch` expert trajectories (with all their practices; outcome: rollouts) per update;
-log pi_old is scored per token by `action_tokens` (score_packed's computation, not the sampler's
-log-probs). A rollout is scored as re-tokenised text on its first max_seq_len tokens.
+keeping every expert action against only the misses lets D learn which steps are hard instead (the
+misses sit at the search and the product choice), a reward the group baseline cancels; the KL is
+Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi, per sampled token, averaged over
+tokens; `policy/entropy` is the exact entropy of the policy's next-token distribution, averaged over
+the sampled tokens; updates are passes over the iteration's data, `traj_batch` expert trajectories
+(with all their practices; outcome: rollouts) per update; log pi_old is scored per token by
+`action_tokens` (score_packed's computation, not the sampler's log-probs). A rollout is scored as
+re-tokenised text on its first max_seq_len tokens.
 
     python train_irl.py                             # StepAgent-Inverse: tiny preset, webshop, 2 iterations
     python train_irl.py --reward outcome            # the PPO baseline, same budget
@@ -73,7 +74,7 @@ class IRLConfig(S.Config):
     kl_coef: float = 0.05  # weight of KL(pi || pi_ref)
     adv_std: bool = False  # divide the group-centred advantages by the group's std
     token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
-    disc_data: str = "all"  # D's examples: all (GAIL) | erred (states with a missed practice: expert action vs the misses)
+    disc_data: str = "all"  # D's examples: all (GAIL) | erred (missed states: expert action vs the misses)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -90,7 +91,8 @@ def disc_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert:
 def _bce_mean(logits: torch.Tensor, label: float) -> torch.Tensor:
     """Mean binary cross-entropy of logits (N,) against one label; 0 for an empty set (a batch with no
     missed practice under --disc_data erred)."""
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label), reduction="sum") / max(1, len(logits))
+    bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label), reduction="sum")
+    return bce / max(1, len(logits))
 
 
 def disc_accuracy(expert_logits: torch.Tensor, agent_logits: torch.Tensor, w_expert: float = 1.0,
@@ -237,16 +239,16 @@ class Inverse(S.Method):
         for s in steps:
             by_traj.setdefault(s["traj_id"], []).append(s)
         jobs = []  # (ids, spans, candidates): every practice of every inspected state, K per state in order
+        miss, erred = [], []  # per job: (C,) the practices unlike the expert's action; (T,) the states with one
         for rec in recs:
             if rec["id"] in by_traj:
                 ids, spans = S.turn_spans(tok, S.to_messages(rec))
-                jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"])) for s in by_traj[rec["id"]]
-                                          for a in s["agent"]]))
-        miss, erred = [], []  # per job: (C,) the practices unlike the expert's action; (T,) the states with one
-        for (ids, spans, _), rec in zip(jobs, [r for r in recs if r["id"] in by_traj]):
-            miss.append(torch.tensor([not a["match"] for s in by_traj[rec["id"]] for a in s["agent"]]))
-            erred.append(torch.zeros(len(spans), dtype=torch.bool))
-            erred[-1][[s["step"] for s in by_traj[rec["id"]] if not all(a["match"] for a in s["agent"])]] = True
+                rec_steps = by_traj[rec["id"]]
+                jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"]))
+                                          for s in rec_steps for a in s["agent"]]))
+                miss.append(torch.tensor([not a["match"] for s in rec_steps for a in s["agent"]]))
+                erred.append(torch.zeros(len(spans), dtype=torch.bool))
+                erred[-1][[s["step"] for s in rec_steps if not all(a["match"] for a in s["agent"])]] = True
         return {"jobs": jobs, "old": self.old_logps(model, jobs), "miss": miss, "erred": erred}
 
     def sides(self, data, idx, expert: torch.Tensor, agent: torch.Tensor):
@@ -255,8 +257,9 @@ class Inverse(S.Method):
         (label 1) and the missed practices (label 0)."""
         if self.cfg.disc_data == "all":
             return expert, agent
-        keep = lambda key: torch.cat([data[key][i] for i in idx]).to(agent.device)  # noqa: E731
-        return expert[keep("erred")], agent[keep("miss")]
+        erred = torch.cat([data["erred"][i] for i in idx]).to(expert.device)
+        miss = torch.cat([data["miss"][i] for i in idx]).to(agent.device)
+        return expert[erred], agent[miss]
 
     def old_logps(self, model, jobs) -> list[torch.Tensor]:
         """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
