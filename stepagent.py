@@ -20,15 +20,16 @@ Speed (DESIGN §4): the K practices of every state of one trajectory are sampled
 single prefill of the whole expert trajectory (`sample_practice`), and scoring packs the expert
 trajectory and all candidates into one row (`pack_row`); the naive versions are kept as references.
 
-Several processes (`torchrun --nproc_per_node N`, any script; the helpers are in parallel.py): each rank plays its shard of the
-evaluation tasks and rollouts and inspects its shard of the trajectories; the results are gathered,
-so every summary is over all tasks. Each optimiser step takes the same global batch as one process
-(batch_size trajectories for SFT, traj_batch for a reflection update), each rank its slice
-`batch[rank::world]`; a rank's loss is its part of the global mean (its local mean times its share
-of the global count, `shares`), the gradients are summed over the ranks (`allreduce_grads`) and
-clipped after that, so N processes take the one-process step up to float rounding. Only rank 0
-writes files and prints; the others wait at a barrier where they need what it wrote. Without
-torchrun none of this runs (no process group, the same numbers bit for bit).
+Several processes (`torchrun --nproc_per_node N`, any script; the helpers are in parallel.py): each
+rank plays its shard of the evaluation tasks and rollouts and inspects its shard of the
+trajectories; the results are gathered, so every summary is over all tasks. Each optimiser step
+takes the same global batch as one process (batch_size trajectories for SFT, traj_batch for a
+reflection update), each rank its slice `batch[rank::world]`; a rank's loss is its part of the
+global mean (its local mean times its share of the global count, `shares`), the gradients are summed
+over the ranks (`allreduce_grads`) and clipped after that, so N processes take the one-process step
+up to float rounding. Only rank 0 writes files and prints; the others wait at a barrier where they
+need what it wrote. Without torchrun none of this runs (no process group, the same numbers bit for
+bit).
 
     python stepagent.py sft                          # tiny preset on webshop: tokenizer, model, SFT
     python stepagent.py eval --model runs/webshop-tiny/sft --split test --n_test 200
@@ -338,7 +339,7 @@ def _make_tiny_base(cfg: Config, records: list[dict], path: str) -> None:
     # (with whole_ids, each opaque ID seen in that text is one token: see the note in train_sft)
     tok_dir = os.path.join(cfg.out, "tokenizer")
     texts = [c["value"] for r in records for c in r["conversations"]]
-    pattern = getattr(envs.load_env(cfg.env), "opaque_ids", None) if cfg.whole_ids else None
+    pattern = getattr(envs.env_class(cfg.env), "opaque_ids", None) if cfg.whole_ids else None
     whole = sorted({m for t in texts for m in re.findall(pattern, t)}) if pattern else []
     tok = M.train_tokenizer(texts, cfg.vocab_size, tok_dir, whole)
     model = M.Transformer.from_args(tiny_args(cfg, tok.vocab_size), seed=cfg.seed)
@@ -466,7 +467,7 @@ def train_sft(cfg: Config) -> str:
     if cfg.fsdp:
         P.fsdp_wrap(model)
     device = model.device
-    pattern = getattr(envs.load_env(cfg.env), "opaque_ids", None) if cfg.rename_ids else None
+    pattern = getattr(envs.env_class(cfg.env), "opaque_ids", None) if cfg.rename_ids else None
 
     def epoch_data(epoch: int):  # renamed IDs are drawn per trajectory and epoch (seeded: resumable)
         recs = records if not pattern else [rename_ids(r, pattern, random.Random(f"{cfg.seed}-{epoch}-{i}"))
