@@ -233,6 +233,7 @@ class ScienceWorldEnv:
     """The real ScienceWorld through the `scienceworld` package; one JVM per object."""
 
     name = "scienceworld"
+    splits = ("train", "dev", "test")
 
     @classmethod
     def make_tasks(cls, split: str, n: int | None = None, seed: int = 0,
@@ -353,6 +354,7 @@ class TextWorldExpressEnv:
     """The real TextWorldExpress through the `textworld_express` package; one JVM per object."""
 
     name = "textworld-express"
+    splits = ("train", "dev", "test")
 
     @classmethod
     def make_tasks(cls, split: str, n: int | None = None, seed: int = 0, game: str = "twc",

@@ -73,6 +73,11 @@ def env_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def splits(name: str) -> tuple[str, ...]:
+    """The splits family `name` has (the real simulators have no test_unseen)."""
+    return getattr(env_class(name), "splits", SPLITS)
+
+
 def load_env(name: str, **kwargs):
     """One environment object of family `name`; kwargs go to its constructor (e.g. data_dir=...)."""
     return env_class(name)(**kwargs)

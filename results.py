@@ -22,7 +22,10 @@ makes. Every number is read back from a summary.json there; runs, evaluations an
 cached, so rerunning a command after an interruption continues and finished cells cost nothing.
 The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
 whose per-iteration success RESULTS.md shows too). Spread = the sample standard deviation over seeds
-(n - 1 in the denominator); a cell with one seed shows the value alone.
+(n - 1 in the denominator); a cell with one seed shows the value alone. A preset other than tiny
+(`--preset smollm2`, or a model folder) keeps its cells in <out>/<preset>/<env>-seed<seed> and gets a
+section of its own in RESULTS.md; an env without a test_unseen split (scienceworld,
+textworld-express) shows n/a there and is judged on test alone.
 
 Equal budgets. Every method sees the same data per iteration: the same window of n_inspect expert
 trajectories / train tasks (stepagent.Method.records) and K samples per state or task. SFT-continued
@@ -125,10 +128,21 @@ def names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def preset_tag(cfg: TableConfig) -> str:
+    """'' for the tiny preset; else the checkpoint's name (smollm2, or a model folder's base name)."""
+    return "" if cfg.preset == "tiny" else os.path.basename(os.path.normpath(cfg.preset))
+
+
 def cell_dir(cfg: TableConfig, env: str, seed: int, dim: int | None = None) -> str:
-    """<out>/<env>-seed<seed>, or <out>/dim<D>/<env>-seed<seed> for a size other than the table's."""
+    """<out>/<env>-seed<seed>, or <out>/dim<D>/<env>-seed<seed> for a size other than the table's;
+    a preset other than tiny has its own folder: <out>/<preset>/<env>-seed<seed>."""
     base = cfg.out if dim in (None, cfg.dim) else os.path.join(cfg.out, f"dim{dim}")
-    return os.path.join(base, f"{env}-seed{seed}")
+    return os.path.join(base, preset_tag(cfg), f"{env}-seed{seed}")
+
+
+def eval_splits(env: str) -> list[str]:
+    """The splits a table cell is evaluated on: test, and test_unseen where the env has it."""
+    return [x for x in ("test", "test_unseen") if x in envs.splits(env)]
 
 
 def run_name(cfg: TableConfig, key: str, k: int | None = None) -> str:
@@ -152,7 +166,7 @@ def train(cfg: TableConfig, key: str, env: str, seed: int, dim: int | None = Non
     method = METHODS[key][3](mc)
     method.name = run_name(cfg, key, k)
     S.train_iterations(mc, method, METHODS[key][4])
-    if unseen:
+    if unseen and "test_unseen" in eval_splits(env):
         final = os.path.join(out, method.name, f"iter{mc.iterations}")
         S.cached_evaluate(lambda: S.load(final, mc), mc, "test_unseen", mc.n_test,
                           os.path.join(out, method.name, f"eval-iter{mc.iterations}-test_unseen"), "test_unseen")
@@ -240,15 +254,19 @@ def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
     opts = [(argv[i].lstrip("-"), argv[i + 1]) for i in range(1, len(argv) - 1, 2)]
     opts = [(k, v) for k, v in opts if k in fields and k not in TABLE_ONLY and k not in ("n_test", *METHODS[key][2])]
     flags = " ".join(f"--{k} {shlex.quote(v)}" for k, v in opts)
-    return f"`python {script} {flags} --n_test {cfg.n_test} --env <env> --seed <seed> --out {cfg.out}/<env>-seed<seed>`".replace("  ", " ")
+    out = os.path.join(cfg.out, preset_tag(cfg), "<env>-seed<seed>")
+    return f"`python {script} {flags} --n_test {cfg.n_test} --env <env> --seed <seed> --out {out}`".replace("  ", " ")
 
 
 def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
     seeds, n_seeds = ints(cfg.seeds), len(ints(cfg.seeds))
-    out = ["## Methods on the built-in environments", "",
+    title = "on the built-in environments" if cfg.preset == "tiny" else f"with the {cfg.preset} preset"
+    out = [f"## Methods {title}", "",
            f"Command: `python results.py {shlex.join(argv)}`", "",
-           f"Seeds {', '.join(map(str, seeds))}; {cfg.n_test} test and {cfg.n_test} test_unseen tasks per seed; "
-           f"tiny preset (dim {cfg.dim}, n_layers {cfg.n_layers}); {cfg.iterations} iterations, K = {cfg.k}, "
+           f"Seeds {', '.join(map(str, seeds))}; {cfg.n_test} test and {cfg.n_test} test_unseen tasks per seed "
+           "(test_unseen where the env has it); "
+           + (f"tiny preset (dim {cfg.dim}, n_layers {cfg.n_layers})" if cfg.preset == "tiny" else f"preset {cfg.preset}")
+           + f"; {cfg.iterations} iterations, K = {cfg.k}, "
            f"{min(cfg.n_inspect or cfg.n_train, cfg.n_train)} expert trajectories / train tasks per iteration; "
            "the model reported is the last iteration's. "
            "Cells: mean ± sample std over seeds. `updates`: optimiser steps over all iterations (StepAgent-Inverse: "
@@ -260,11 +278,14 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         out += ["", f"### {env}", "",
                 "| method | test success | test reward | test_unseen success | test_unseen reward | updates |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        missing, cells = [], {}
+        missing, cells, have = [], {}, eval_splits(env)
         for key in ROWS:
             row = []
             for split in ("test", "test_unseen"):
                 cells[key, split] = values(cfg, env, key, split, "success_rate")
+                if split not in have:
+                    row += ["n/a", "n/a"]
+                    continue
                 row += [fmt(cells[key, split], n_seeds), fmt(values(cfg, env, key, split, "avg_reward"), n_seeds)]
                 gone = [s for s in seeds if s not in cells[key, split]]
                 if gone:
@@ -272,10 +293,10 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
             ups = sorted({u for s in seeds if (u := updates(cell_dir(cfg, env, s), key, cfg.iterations)) is not None})
             row.append("—" if not ups else str(ups[0]) if len(ups) == 1 else f"{ups[0]}-{ups[-1]}")
             out.append(f"| {LABEL[key]} | " + " | ".join(row) + " |")
-        everything = len(missing) == 2 * len(ROWS) and all(f"seed {', '.join(map(str, seeds))})" in m for m in missing)
+        everything = len(missing) == len(have) * len(ROWS) and all(f"seed {', '.join(map(str, seeds))})" in m for m in missing)
         out += ["", "Not computed yet: every cell (run the command above)." if everything else
                 f"Not computed yet: {'; '.join(missing)}." if missing else "All cells computed."]
-        lines = verdicts(cells, n_seeds)
+        lines = verdicts(cells, n_seeds, have)
         out += [""] + lines if lines else []
         nov, per_it, any_value = values(cfg, env, "novice", "test", "success_rate"), [], False
         for key in METHODS:
@@ -297,13 +318,13 @@ def mean_str(vals: dict[int, float]) -> str:
     return f"{mean_spread(list(vals.values()))[0]:.3f}" if vals else "—"
 
 
-def verdicts(cells: dict, n_seeds: int) -> list[str]:
+def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen")) -> list[str]:
     """One line per StepAgent method and baseline: does it beat it, on test and on test_unseen success."""
     lines = []
     for ours in OURS:
         for base in BASELINES:
             parts = []
-            for split in ("test", "test_unseen"):
+            for split in splits:
                 a, b = cells[ours, split], cells[base, split]
                 if len(a) < n_seeds or len(b) < n_seeds:
                     parts.append(f"{split}: not computed yet")
@@ -423,12 +444,13 @@ def report(out: str, results: str) -> None:
     text = ["# Results", "", "Generated by `results.py` (do not edit by hand): the numbers here are whatever the "
             "commands below last produced, read back from the run folders' summary.json files. "
             "How the methods and budgets are set up: the docstring of results.py.", ""]
-    for what in ("table", "sweep-iterations", "sweep-k", "sweep-size"):
+    tables = ["table"] + sorted(k for k in recorded if k.startswith("table-"))  # table-<preset>: a non-tiny preset
+    for what in (*tables, "sweep-iterations", "sweep-k", "sweep-size"):
         if what in recorded:
             argv = recorded[what]
             with contextlib.redirect_stdout(io.StringIO()):  # parse_config prints the config
                 cfg = S.parse_config(TableConfig, argv[1:])
-            text += (table_section(cfg, argv) if what == "table" else sweep_section(cfg, argv, plot_dir, "results")) + [""]
+            text += (table_section(cfg, argv) if what.startswith("table") else sweep_section(cfg, argv, plot_dir, "results")) + [""]
     envs.atomic_write(results, "\n".join(text))
     print(f"wrote {results}")
 
@@ -456,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{', '.join(METHODS)}), --reward {cfg.reward!r} (the inverse method's: {', '.join(TR.REWARDS)})")
     if argv[0] == "report":
         return report(cfg.out, cfg.results)
-    key = "table" if argv[0] == "table" else f"sweep-{cfg.what}"
+    key = "-".join(filter(None, ["table", preset_tag(cfg)])) if argv[0] == "table" else f"sweep-{cfg.what}"
     path = os.path.join(cfg.out, "commands.json")
     recorded = json.load(open(path)) if os.path.exists(path) else {}
     envs.write_json(path, {**recorded, key: argv})

@@ -12,6 +12,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 import results as R
 from test_implicit import MICRO, _run
 
@@ -162,3 +164,31 @@ def test_table_methods_runs_a_subset_and_reports_the_rest_missing(tmp_path):
     r = subprocess.run([sys.executable, "results.py", "table", "--methods", "implicit,inverted"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "inverted" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_table_with_a_model_folder_preset_on_an_env_without_test_unseen(tmp_path):
+    """--preset <folder> on textworld-express (no test_unseen split): the cells go to
+    <out>/<folder name>/<env>-seed<seed>, RESULTS.md gets a section of its own beside the tiny table's,
+    test_unseen is n/a there (never evaluated), and the verdicts are on test alone."""
+    pytest.importorskip("textworld_express")
+    import stepagent as S
+    # a micro from-scratch model in the Hugging Face layout, standing in for a real checkpoint
+    cfg = S.Config(env="hotpotqa", n_train=6, out=str(tmp_path / "make"), vocab_size=300, dim=32, n_layers=1, n_heads=2)
+    S._make_tiny_base(cfg, S.expert_data(cfg), str(tmp_path / "micro-llama"))
+    out, res = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
+    i = MICRO.index("--iterations")
+    args = [*MICRO[2:i], *MICRO[i + 2:], "--iterations", "1", "--envs", "textworld-express", "--seeds", "0",
+            "--traj_batch", "3", "--methods", "implicit", "--preset", str(tmp_path / "micro-llama")]
+    _run(["table", *args, "--out", out, "--results", res], script="results.py")
+    cell = os.path.join(out, "micro-llama", "textworld-express-seed0")
+    assert os.path.exists(os.path.join(cell, "implicit", "iter1", "config.json"))
+    assert not glob.glob(os.path.join(out, "**", "*test_unseen*"), recursive=True)
+    md = open(res).read()
+    assert "## Methods on the built-in environments" in md  # the tiny table's section (nothing run: all missing)
+    section = md.split(f"## Methods with the {tmp_path / 'micro-llama'} preset")[1]
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                  for line in section.split("### textworld-express\n")[1].strip().split("\n\n")[0].splitlines()[2:])}
+    got = json.load(open(os.path.join(cell, "implicit", "eval-iter1-test", "summary.json")))
+    assert rows["StepAgent-Implicit"][:4] == [f"{got['success_rate']:.3f}", f"{got['avg_reward']:.3f}", "n/a", "n/a"]
+    assert "Not computed yet: SFT-continued test (seed 0); ETO test (seed 0);" in section  # test_unseen not listed
+    assert "test_unseen" not in "".join(x for x in section.splitlines() if x.startswith("- StepAgent-"))
