@@ -260,12 +260,12 @@ def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
 
 def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
     seeds, n_seeds = ints(cfg.seeds), len(ints(cfg.seeds))
-    title = "on the built-in environments" if cfg.preset == "tiny" else f"with the {cfg.preset} preset"
-    out = [f"## Methods {title}", "",
+    tiny = not preset_tag(cfg)
+    out = ["## Methods " + ("on the built-in environments" if tiny else f"with the {cfg.preset} preset"), "",
            f"Command: `python results.py {shlex.join(argv)}`", "",
            f"Seeds {', '.join(map(str, seeds))}; {cfg.n_test} test and {cfg.n_test} test_unseen tasks per seed "
            "(test_unseen where the env has it); "
-           + (f"tiny preset (dim {cfg.dim}, n_layers {cfg.n_layers})" if cfg.preset == "tiny" else f"preset {cfg.preset}")
+           + (f"tiny preset (dim {cfg.dim}, n_layers {cfg.n_layers})" if tiny else f"preset {cfg.preset}")
            + f"; {cfg.iterations} iterations, K = {cfg.k}, "
            f"{min(cfg.n_inspect or cfg.n_train, cfg.n_train)} expert trajectories / train tasks per iteration; "
            "the model reported is the last iteration's. "
@@ -282,10 +282,10 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         for key in ROWS:
             row = []
             for split in ("test", "test_unseen"):
-                cells[key, split] = values(cfg, env, key, split, "success_rate")
                 if split not in have:
                     row += ["n/a", "n/a"]
                     continue
+                cells[key, split] = values(cfg, env, key, split, "success_rate")
                 row += [fmt(cells[key, split], n_seeds), fmt(values(cfg, env, key, split, "avg_reward"), n_seeds)]
                 gone = [s for s in seeds if s not in cells[key, split]]
                 if gone:

@@ -52,9 +52,9 @@ def _expected(out, run, split, metric, seeds=(0, 1)):
     return text if len(vals) == len(seeds) else f"{text} ({len(vals)}/{len(seeds)} seeds)"
 
 
-def _rows(md):
-    """The hotpotqa table of RESULTS.md: row label -> its cells."""
-    lines = md.split("### hotpotqa\n")[1].strip().split("\n\n")[0].splitlines()[2:]
+def _rows(md, env="hotpotqa"):
+    """The env's table of RESULTS.md (or of one section of it): row label -> its cells."""
+    lines = md.split(f"### {env}\n")[1].strip().split("\n\n")[0].splitlines()[2:]
     return {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines)}
 
 
@@ -186,8 +186,7 @@ def test_table_with_a_model_folder_preset_on_an_env_without_test_unseen(tmp_path
     md = open(res).read()
     assert "## Methods on the built-in environments" in md  # the tiny table's section (nothing run: all missing)
     section = md.split(f"## Methods with the {tmp_path / 'micro-llama'} preset")[1]
-    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
-                                  for line in section.split("### textworld-express\n")[1].strip().split("\n\n")[0].splitlines()[2:])}
+    rows = _rows(section, "textworld-express")
     got = json.load(open(os.path.join(cell, "implicit", "eval-iter1-test", "summary.json")))
     assert rows["StepAgent-Implicit"][:4] == [f"{got['success_rate']:.3f}", f"{got['avg_reward']:.3f}", "n/a", "n/a"]
     assert "Not computed yet: SFT-continued test (seed 0); ETO test (seed 0);" in section  # test_unseen not listed
