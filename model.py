@@ -916,15 +916,18 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, 
         raise ValueError("stop strings need a tokenizer to decode with")
     dev, B = logits.device, logits.shape[0]
     slot = torch.arange(model.caches[0].k.shape[2] if valid is None else valid.shape[1], device=dev)
-    rows = list(range(B))  # original index of each live row
+    rows = list(range(B))  # original index of each row of the batch
+    live = [True] * B  # rows still generating; finished rows stay in the batch until half are done
     out_ids, out_lp = [[] for _ in range(B)], [[] for _ in range(B)]
     stop_set = set(stop_ids)
     for i in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_p, top_k, generator)  # (b,)
-        lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-        keep = []
-        for j, (r, t, lpj) in enumerate(zip(rows, nxt.tolist(), lp.tolist())):  # one sync, not one per row
-            done = t in stop_set
+        act = [j for j, a in enumerate(live) if a]
+        # sample the live rows only: the random draws are then those of a batch of the live rows
+        lg = logits if len(act) == len(rows) else logits[torch.tensor(act, device=dev)]
+        nxt = sample(lg, temperature, top_p, top_k, generator)  # (live,)
+        lp = lg.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        for j, t, lpj in zip(act, nxt.tolist(), lp.tolist()):  # one sync, not one per row
+            r, done = rows[j], t in stop_set
             if not done:
                 out_ids[r].append(t)
                 out_lp[r].append(lpj)
@@ -933,13 +936,20 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, 
                 if stop:
                     text = tokenizer.decode(out_ids[r][-32:])
                     done = any(s in text for s in stop)
-            if not done:
-                keep.append(j)
+            live[j] = not done
+        keep = [j for j in act if live[j]]
         if not keep or i == max_new_tokens - 1:
             break
-        if len(keep) < len(rows):  # drop finished rows from the batch and the caches
+        if len(act) < len(rows):  # finished rows are fed a dummy token
+            nxt = torch.zeros(len(rows), dtype=nxt.dtype, device=dev).index_copy_(
+                0, torch.tensor(act, device=dev), nxt)
+        # Drop finished rows from the batch and the caches once half are done: compacting copies
+        # every cache, so doing it per finished row cost more than decoding the finished rows on
+        # (amortised, each row's keys/values are copied O(1) times). A finished row's extra tokens
+        # go to its own slots only, which no live row attends to, and are never returned.
+        if 2 * len(keep) <= len(rows):
             idx = torch.tensor(keep, device=dev)
-            rows = [rows[j] for j in keep]
+            rows, live = [rows[j] for j in keep], [True] * len(keep)
             nxt, next_pos = nxt[idx], next_pos[idx]
             valid = None if valid is None else valid[idx]
             # slots still needed: per-row mode up to the furthest position left, else all

@@ -1,4 +1,5 @@
 """model.py: parity with transformers, KV-cached generation, scoring, save/load, chat formats, errors."""
+import copy
 import json
 import os
 
@@ -152,6 +153,26 @@ def test_chat_cache_reuses_turns_and_equals_fresh_prefill(tiny):
     assert len(cache.ids) == 3
     with pytest.raises(ValueError, match="ChatCache has 3 rows for 2 prompts"):
         M.generate(model, convs[:2], 4, cache=cache)
+
+
+def test_rows_finishing_early_leave_the_other_rows_unchanged(tiny):
+    """Finished rows stay in the decode batch until half are done (then the caches are compacted):
+    every row's tokens and log-probs still equal those of the row generated alone."""
+    model = copy.deepcopy(tiny[0])
+    with torch.no_grad():  # larger weights: greedy text that does not repeat one token, so rows stop apart
+        for p in model.parameters():
+            p.mul_(10 if p.dim() == 2 else 1)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in (4, 30, 9, 17, 25, 6)]
+    free = [M.generate(model, [p], 12, stop_ids=[])[0][0] for p in prompts]
+    stop = [free[0][2], free[3][5], free[5][8]]  # rows 0, 3 and 5 (at least) stop early, at different steps
+    alone = [M.generate(model, [p], 12, stop_ids=stop) for p in prompts]
+    assert len({len(a[0][0]) for a in alone}) >= 3
+    for cache in (None, M.ChatCache(model, len(prompts))):
+        got, lps = M.generate(model, prompts, 12, stop_ids=stop, cache=cache)
+        for (a_ids, a_lp), ids, lp in zip(alone, got, lps):
+            assert ids == a_ids[0]
+            assert torch.allclose(torch.tensor(lp), torch.tensor(a_lp[0]), atol=1e-5)
 
 
 def test_stop_ids_strings_and_early_finish(tiny):
