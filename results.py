@@ -10,14 +10,17 @@
 Options: --envs, --seeds, --out (default runs/table), --results (default RESULTS.md), the sweeps' --what,
 --ks, --dims, --sweep_methods, the table's --methods (a subset to run now, e.g. the cheap ones first:
 every method on disk is reported either way), and every field of stepagent.Config, ImplicitConfig and IRLConfig as
-`--field value` (defaults as in train_implicit.py / train_irl.py, except --n_test 200).
+`--field value` (defaults as in train_implicit.py / train_irl.py, except --n_test 200 and the tiny
+model's shape, --dim 256 --n_layers 4 --n_heads 4: 4.24M parameters, where the scripts' default is
+2.06M, sized for the main job's time budget).
 
 Rows: the novice (SFT); SFT-continued (below); ETO (`train_implicit.py --level trajectory`);
 outcome-reward PPO (`train_irl.py --reward outcome`); StepAgent-Implicit (`train_implicit.py`);
 StepAgent-Inverse (`train_irl.py`). Each (env, seed) is one folder <out>/<env>-seed<seed> holding one
 novice that all five methods start from; each method runs through stepagent.train_iterations with the
 config its own script would build, so <out>/hotpotqa-seed1/eto is what
-`python train_implicit.py --level trajectory --env hotpotqa --seed 1 --n_test 200 --out <out>/hotpotqa-seed1`
+`python train_implicit.py --level trajectory --env hotpotqa --seed 1 --n_test 200 --dim 256
+--n_layers 4 --n_heads 4 --out <out>/hotpotqa-seed1`
 makes. Every number is read back from a summary.json there; runs, evaluations and checkpoints are
 cached, so rerunning a command after an interruption continues and finished cells cost nothing.
 The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
@@ -71,6 +74,11 @@ class TableConfig(TI.ImplicitConfig, TR.IRLConfig):
     out: str = "runs/table"  # one folder per (env, seed) below this
     results: str = "RESULTS.md"  # the report; plots go to results/ beside it
     n_test: int = 200  # test and test_unseen tasks per evaluation
+    # the tables' tiny model: 4.24M parameters, larger than the scripts' default (2.06M, sized for
+    # the main job's 10 minutes); every table and sweep in RESULTS.md so far was run at this size
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
     what: str = "iterations"  # sweep: iterations | k | size
     ks: str = "1,2,4,8"  # sweep k: practice numbers
     dims: str = "128,256,384"  # sweep size: tiny-preset widths (n_layers and n_heads as given)
@@ -246,16 +254,21 @@ TABLE_ONLY = {f.name for f in dataclasses.fields(TableConfig)} - {f.name for f i
     - {f.name for c in (TI.ImplicitConfig, TR.IRLConfig) for f in dataclasses.fields(c)} | {"out"}
 
 
+TABLE_DEFAULTS = ("dim", "n_layers", "n_heads", "n_test")  # TableConfig's defaults that differ from the scripts'
+
+
 def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
     """The method's own script with the table's options that its config has, for one cell."""
     script, fields = METHODS[key][5], {f.name for f in dataclasses.fields(METHODS[key][1])}
     if script is None:
         return "results.py only (`SFTContinued`)"
     opts = [(argv[i].lstrip("-"), argv[i + 1]) for i in range(1, len(argv) - 1, 2)]
-    opts = [(k, v) for k, v in opts if k in fields and k not in TABLE_ONLY and k not in ("n_test", *METHODS[key][2])]
+    opts = [(k, v) for k, v in opts if k in fields and k not in TABLE_ONLY and k not in (*TABLE_DEFAULTS, *METHODS[key][2])]
+    # the table's own defaults (the model shape only matters to the tiny preset)
+    opts += [(k, str(getattr(cfg, k))) for k in TABLE_DEFAULTS if k == "n_test" or not preset_tag(cfg)]
     flags = " ".join(f"--{k} {shlex.quote(v)}" for k, v in opts)
     out = os.path.join(cfg.out, preset_tag(cfg), "<env>-seed<seed>")
-    return f"`python {script} {flags} --n_test {cfg.n_test} --env <env> --seed <seed> --out {out}`".replace("  ", " ")
+    return f"`python {script} {flags} --env <env> --seed <seed> --out {out}`".replace("  ", " ")
 
 
 def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
