@@ -901,6 +901,9 @@ def _generate_cached(model, prompts, cache, max_new_tokens, *decode_args):
         model.caches = None
 
 
+COMPACT_AT = 0.5  # decode drops finished rows once the live ones are at most this share (1.0: at once)
+
+
 def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, max_new_tokens: int,
            temperature=0.0, top_p=1.0, top_k=0, stop=None, stop_ids=None, tokenizer=None, generator=None,
            on_token=None):
@@ -947,7 +950,7 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, 
         # every cache, so doing it per finished row cost more than decoding the finished rows on
         # (amortised, each row's keys/values are copied O(1) times). A finished row's extra tokens
         # go to its own slots only, which no live row attends to, and are never returned.
-        if 2 * len(keep) <= len(rows):
+        if len(keep) < len(rows) and len(keep) <= COMPACT_AT * len(rows):
             idx = torch.tensor(keep, device=dev)
             rows, live = [rows[j] for j in keep], [True] * len(keep)
             nxt, next_pos = nxt[idx], next_pos[idx]
