@@ -825,7 +825,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     masked out and positions start at 0 per row), so every row decodes into the same cache slot.
     A row stops at a stop id (excluded from its output; default: the tokenizer's end-of-turn and
     eos) or once its decoded text contains a stop string (the token completing it is kept); rows
-    that are done leave the batch, and the call ends when all are done. The log-probs are the
+    that are done leave the batch once half of it is done (`decode`), and the call ends when all
+    are done. The log-probs are the
     model's own (temperature 1) for each returned token, what the RL losses need as log pi_old.
     `on_token(row, token)` is called for every kept token (streaming). With `cache` (a ChatCache
     with one row per prompt), each row's tokens already in the cache are reused (see ChatCache).
