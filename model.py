@@ -926,8 +926,9 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, 
     stop_set = set(stop_ids)
     for i in range(max_new_tokens):
         act = [j for j, a in enumerate(live) if a]
+        act_t = None if len(act) == len(rows) else torch.tensor(act, device=dev)
         # sample the live rows only: the random draws are then those of a batch of the live rows
-        lg = logits if len(act) == len(rows) else logits[torch.tensor(act, device=dev)]
+        lg = logits if act_t is None else logits[act_t]
         nxt = sample(lg, temperature, top_p, top_k, generator)  # (live,)
         lp = lg.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
         for j, t, lpj in zip(act, nxt.tolist(), lp.tolist()):  # one sync, not one per row
@@ -944,9 +945,8 @@ def decode(model: Transformer, logits, next_pos, valid, first_slot: int | None, 
         keep = [j for j in act if live[j]]
         if not keep or i == max_new_tokens - 1:
             break
-        if len(act) < len(rows):  # finished rows are fed a dummy token
-            nxt = torch.zeros(len(rows), dtype=nxt.dtype, device=dev).index_copy_(
-                0, torch.tensor(act, device=dev), nxt)
+        if act_t is not None:  # finished rows are fed a dummy token
+            nxt = torch.zeros(len(rows), dtype=nxt.dtype, device=dev).index_copy_(0, act_t, nxt)
         # Drop finished rows from the batch and the caches once half are done: compacting copies
         # every cache, so doing it per finished row cost more than decoding the finished rows on
         # (amortised, each row's keys/values are copied O(1) times). A finished row's extra tokens

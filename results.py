@@ -254,7 +254,9 @@ TABLE_ONLY = {f.name for f in dataclasses.fields(TableConfig)} - {f.name for f i
     - {f.name for c in (TI.ImplicitConfig, TR.IRLConfig) for f in dataclasses.fields(c)} | {"out"}
 
 
-TABLE_DEFAULTS = ("dim", "n_layers", "n_heads", "n_test")  # TableConfig's defaults that differ from the scripts'
+# TableConfig's defaults that differ from the scripts' (n_test, and the tiny model's shape)
+TABLE_DEFAULTS = tuple(f.name for f in dataclasses.fields(TableConfig)
+                       if f.name not in TABLE_ONLY and f.default != getattr(S.Config, f.name, f.default))
 
 
 def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
