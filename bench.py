@@ -7,6 +7,7 @@
     python bench.py dpo        # one packed step-DPO optimiser step vs the per-pair formulation
     python bench.py rollout    # multi-turn rollouts with keys/values kept across turns vs re-prefilled
     python bench.py all        # everything above (the README's table)
+    python bench.py train --shape 1b --batch 4 --seq 2048   # GPU: SFT / step-DPO tokens/s, MFU (not in all)
 
 Options: --threads N (default 2, as CI's machine), --smollm2 DIR (converted checkpoint; converted on
 first use into checkpoints/smollm2-135m-instruct), --repeat N. Timings are the median of --repeat
@@ -321,9 +322,117 @@ def bench_dpo(a) -> None:
         f"{losses['packed']:.6f}", f"{losses['naive']:.6f}")
 
 
+# ----------------------------------------------------------------------------- training throughput and MFU
+
+# random-init Llama shapes: throughput does not depend on the weights, so no checkpoint is needed
+SHAPES = {
+    "tiny": dict(vocab_size=2048, dim=192, n_layers=3, n_heads=3, n_kv_heads=3, head_dim=64, intermediate_size=576),
+    "smollm2": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                    intermediate_size=1536, rope_theta=100000.0),  # SmolLM2-135M's config.json
+    "1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+               intermediate_size=8192, rope_theta=500000.0),  # Llama-3.2-1B's shape (1.24B parameters)
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (datasheets)
+
+
+def train_flops(args: M.ModelArgs, row_lens: list[int], n_targets: int) -> float:
+    """FLOPs of one forward+backward (3x the forward's matrix products) over rows of these lengths:
+    every linear layer on every token, the LM head on the target tokens only (token_logprobs computes
+    logits nowhere else), attention dense over each row (what SDPA computes under a mask; PaLM's and
+    nanoGPT's count, which also counts a causal row in full)."""
+    a = args
+    per_tok = a.n_layers * (a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
+                            + 3 * a.dim * a.intermediate_size)
+    attn = sum(n * n for n in row_lens) * a.n_layers * a.n_heads * a.head_dim * 2  # QK^T and PV, per row
+    return 3 * 2 * (sum(row_lens) * per_tok + n_targets * a.dim * a.vocab_size + attn)
+
+
+def bench_train(a) -> None:
+    """Optimiser steps as the train scripts take them (fp32 weights, bf16 autocast, AdamW): an SFT
+    step (stepagent.sft_loss, every token a target) and a packed step-DPO step (score_packed +
+    step_dpo_loss) on random-init shapes; tokens/s and MFU against the device's bf16 peak, and SFT
+    against transformers' LlamaForCausalLM of the same config in the same run."""
+    import stepagent as S
+    import train_implicit as TI
+
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    args = M.ModelArgs(**SHAPES[a.shape], max_seq_len=max(a.seq, 4096), tie_embeddings=True)
+    print(f"\n## training steps, {a.shape} shape (random init), {name}, bf16 autocast, fp32 weights + AdamW\n")
+    row("step", "model", "tokens/step", "tokens/s", "MFU", "vs transformers")
+    row(*["---"] * 6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, args.vocab_size, (a.batch, a.seq), generator=g).to(dev)
+    tm = torch.ones_like(x, dtype=torch.bool)
+    tm[:, 0] = False
+    sft_flops = train_flops(args, [a.seq] * a.batch, int(tm.sum()))
+
+    def stepper(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+
+        def fn():
+            with S.autocast(dev, "bf16"):
+                loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+        return fn
+
+    def report(what, who, t, tokens, flops, peer=""):
+        mfu = f"{flops / t / peak:.1%}" if peak else "n/a"
+        row(what, who, tokens, f"{tokens / t:,.0f}", mfu, peer)
+
+    ours = M.Transformer.from_args(args, device=dev).train()
+    if a.compile:
+        for block in ours.model.layers:  # per block, as torchtitan does: one graph, reused 16-30 times
+            block.compile()
+    sft = stepper(ours, lambda m: S.sft_loss(m, x, tm))
+    t_ours = timeit(sft, a.repeat)
+    del sft  # its AdamW state
+
+    # step-DPO: per row one trajectory of a.seq tokens with 10 expert actions of 16 tokens and K
+    # rejected 16-token practices per state, packed (DESIGN section 4)
+    L, n_act = a.seq, 16
+    traj = torch.randint(3, args.vocab_size, (L,), generator=g).tolist()
+    spans = [(s, s + n_act) for s in range(L // 10 - n_act, L, L // 10)][:10]
+    cands = [(t, torch.randint(3, args.vocab_size, (n_act,), generator=g).tolist()) for t in range(len(spans))
+             for _ in range(a.k)]
+    pairs = [(t, i) for i, (t, _) in enumerate(cands)]
+    rows = [S.pack_row(traj, spans, cands)] * max(1, a.batch // 2)
+    jobs = [(traj, spans, cands, pairs)] * len(rows)
+    with torch.no_grad(), S.autocast(dev, "bf16"):
+        ref = [r.float() for r in TI.pair_logps(S.score_packed(ours, rows), jobs)[:2]]
+    dpo = stepper(ours, lambda m: TI.step_dpo_loss(*TI.pair_logps(S.score_packed(m, rows), jobs)[:2], *ref, 0.1)[0].mean())
+    n_tok = sum(len(r[0]) for r in rows)
+    dpo_flops = train_flops(args, [len(r[0]) for r in rows], sum(int(r[3].sum()) for r in rows))
+    t_dpo = timeit(dpo, a.repeat)
+    n_params = sum(p.numel() for p in ours.parameters())
+    del ours, dpo  # the peer's weights and AdamW state in their place
+    t_hf = None
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**args.to_hf())).to(dev).train()
+        t_hf = timeit(stepper(hf, lambda m: m(x, labels=x).loss), a.repeat)
+        del hf
+    except ImportError:
+        pass
+    ours_name = "ours" + (" (torch.compile)" if a.compile else "")
+    report("SFT", ours_name, t_ours, x.numel(), sft_flops,
+           f"{t_hf / t_ours:.2f}x" if t_hf else "transformers not installed")
+    if t_hf:
+        report("SFT", "transformers", t_hf, x.numel(), sft_flops)
+    report(f"step-DPO ({len(pairs)} pairs/row)", ours_name, t_dpo, n_tok, dpo_flops)
+    print(f"\nparameters: {n_params / 1e6:.1f}M; batch {a.batch} x {a.seq} "
+          f"(step-DPO: {len(rows)} packed rows of {len(rows[0][0])} tokens); MFU against "
+          + (f"{peak / 1e12:.0f} TFLOP/s" if peak else f"nothing: no bf16 peak known for {name} (--peak_tflops)"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "rollout", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "rollout", "train", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -331,12 +440,18 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--n_traj", type=int, default=4)
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="train: the random-init model")
+    p.add_argument("--batch", type=int, default=4, help="train: SFT rows (step-DPO: half as many packed rows)")
+    p.add_argument("--seq", type=int, default=1024, help="train: tokens per SFT row / per packed trajectory")
+    p.add_argument("--device", default=None, help="train: cuda if there is one, else cpu")
+    p.add_argument("--compile", action="store_true", help="train: torch.compile every transformer block")
+    p.add_argument("--peak_tflops", type=float, default=None, help="train: the device's bf16 peak for MFU")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
-                     ("dpo", bench_dpo), ("rollout", bench_rollout)):
-        if a.what in (name, "all"):
+                     ("dpo", bench_dpo), ("rollout", bench_rollout), ("train", bench_train)):
+        if a.what == name or (a.what == "all" and name != "train"):  # train: a GPU bench
             fn(a)
 
 

@@ -360,3 +360,34 @@ def test_save_is_atomic_over_an_existing_checkpoint(tiny, tmp_path, monkeypatch)
         M.save_model(model, tok, str(tmp_path / "ck"))
     assert open(tmp_path / "ck" / "model.safetensors", "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temp folder left behind
+
+
+def test_bench_train_flops_equal_torchs_count():
+    """bench.py train's MFU numerator: the formula equals torch's own count of the matrix products
+    of a forward+backward (math attention, so the attention products are counted too), for an SFT
+    batch and for padded packed step-DPO rows (GQA, a partial target mask)."""
+    import bench
+    import stepagent as S
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = M.ModelArgs(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                       intermediate_size=96, tie_embeddings=True, max_seq_len=512)
+    m = M.Transformer.from_args(args)
+
+    def counted(fn):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            fn().backward()
+        return fc.get_total_flops()
+
+    x = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(0))
+    tm = torch.rand(3, 40, generator=torch.Generator().manual_seed(1)) < 0.5
+    tm[:, 0] = False
+    assert counted(lambda: S.sft_loss(m, x, tm)) == bench.train_flops(args, [40] * 3, int(tm.sum()))
+    traj, spans = list(range(3, 63)), [(10, 15), (30, 36), (50, 55)]
+    cands = [(t, [5, 6, 7]) for t in range(3) for _ in range(2)]
+    rows = [S.pack_row(traj, spans, cands), S.pack_row(traj[:30], spans[:1], cands[:2])]
+    N = max(len(r[0]) for r in rows)  # the shorter row is padded to N: the counted work
+    n_targets = sum(int(r[3].sum()) for r in rows)
+    got = counted(lambda: sum(e.sum() + c.sum() for e, c in S.score_packed(m, rows)))
+    assert got == bench.train_flops(args, [N] * len(rows), n_targets)
