@@ -103,6 +103,8 @@ def test_table_end_to_end(tmp_path):
         _edit(_summary_path(out, seed, "eto", "test"), success_rate=succ, avg_reward=rew)
     for seed, succ in enumerate([1.0, 0.5]):
         _edit(_summary_path(out, seed, "implicit", "test"), success_rate=succ)
+    for seed, succ in enumerate([0.0, 1.0]):
+        _edit(_summary_path(out, seed, "inverse", "test"), success_rate=succ)
     for seed in (0, 1):
         os.remove(_summary_path(out, seed, "ppo-outcome", "test_unseen"))
     os.remove(_summary_path(out, 1, "inverse", "test_unseen"))
@@ -113,8 +115,13 @@ def test_table_end_to_end(tmp_path):
     assert rows["outcome-PPO"][2:4] == ["—", "—"] and rows["StepAgent-Inverse"][2].endswith("(1/2 seeds)")
     assert "Not computed yet: outcome-PPO test_unseen (seed 0, 1); StepAgent-Inverse test_unseen (seed 1)." in md
     verdict = {x.split(":")[0]: x for x in md.splitlines() if x.startswith("- StepAgent-")}
+    # paired by seed: 1.0 - 0.5 and 0.5 - 0.0 beat ETO on both seeds though the means' spreads overlap
     assert verdict["- StepAgent-Implicit vs ETO"].startswith(
-        "- StepAgent-Implicit vs ETO: test success 0.750 vs 0.250, beats it, within the spread over seeds; test_unseen success")
+        "- StepAgent-Implicit vs ETO: test success 0.750 vs 0.250, beats it on every seed "
+        "(2/2 seeds higher; paired difference +0.500 ± 0.000); test_unseen success")
+    assert verdict["- StepAgent-Inverse vs ETO"] == (  # 0.0 - 0.5 and 1.0 - 0.0
+        "- StepAgent-Inverse vs ETO: test success 0.500 vs 0.250, higher on average, not on every seed "
+        f"(1/2 seeds higher; paired difference +0.250 ± {math.sqrt(1.125):.3f}); test_unseen: not computed yet")
     assert verdict["- StepAgent-Inverse vs outcome-PPO"].endswith("; test_unseen: not computed yet")
 
     # the table command fills the missing cells (evaluations only) and leaves the training alone
