@@ -446,7 +446,7 @@ def plot(path: str, xlabel: str, xs: list, pts: dict) -> str:
                 ax.errorbar([g[0] for g in got], [g[1] for g in got], yerr=[g[2] or 0 for g in got], label=row,
                             marker="o", capsize=3)
         ax.set(title=env, xlabel=xlabel, ylabel="test success", xticks=xs)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room above the highest marker
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
