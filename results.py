@@ -235,6 +235,8 @@ def updates(cell: str, name: str, iterations: int) -> int | None:
     if not os.path.exists(path):
         return None
     lines = [json.loads(x) for x in open(path)]
+    if not any(x.get("event") == "iteration" and x.get("iteration") == iterations for x in lines):
+        return None  # iteration `iterations` not finished: its count is not the budget yet
     return sum("event" not in x and "step" in x and x.get("iteration", 0) <= iterations for x in lines)
 
 

@@ -77,6 +77,18 @@ def _edit(path, **kv):
     json.dump({**d, **kv}, open(path, "w"))
 
 
+def test_updates_count_only_a_finished_iteration(tmp_path):
+    """A run stopped inside its last iteration has no budget to report yet ("—"), not its steps so far."""
+    run = tmp_path / "implicit"
+    run.mkdir()
+    steps = [{"step": s, "iteration": 1 + (s > 2), "losses/dpo": 0.6} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
+    assert R.updates(str(tmp_path), "implicit", 1) is None and R.updates(str(tmp_path), "implicit", 2) is None
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "iteration", "iteration": 1, "test_success": 0.1}) + "\n")
+    assert R.updates(str(tmp_path), "implicit", 1) == 2 and R.updates(str(tmp_path), "implicit", 2) is None
+
+
 def test_table_end_to_end(tmp_path):
     out, res = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
     cmd = ["table", *TABLE, "--out", out, "--results", res]
