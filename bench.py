@@ -325,8 +325,7 @@ def bench_dpo(a) -> None:
 # ----------------------------------------------------------------------------- training throughput and MFU
 
 # random-init Llama shapes: throughput does not depend on the weights, so no checkpoint is needed
-SHAPES = {
-    "tiny": dict(vocab_size=2048, dim=192, n_layers=3, n_heads=3, n_kv_heads=3, head_dim=64, intermediate_size=576),
+SHAPES = {  # and "tiny": the tiny preset's default shape (stepagent.tiny_args), vocab 2048
     "smollm2": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                     intermediate_size=1536, rope_theta=100000.0),  # SmolLM2-135M's config.json
     "1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
@@ -359,7 +358,9 @@ def bench_train(a) -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = a.peak_tflops * 1e12 if a.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    args = M.ModelArgs(**SHAPES[a.shape], max_seq_len=max(a.seq, 4096), tie_embeddings=True)
+    ctx = max(a.seq, 4096)
+    args = S.tiny_args(S.Config(max_seq_len=ctx), 2048) if a.shape == "tiny" else \
+        M.ModelArgs(**SHAPES[a.shape], max_seq_len=ctx, tie_embeddings=True)
     print(f"\n## training steps, {a.shape} shape (random init), {name}, bf16 autocast, fp32 weights + AdamW\n")
     row("step", "model", "tokens/step", "tokens/s", "MFU", "vs transformers")
     row(*["---"] * 6)
@@ -440,7 +441,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--n_traj", type=int, default=4)
-    p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="train: the random-init model")
+    p.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="train: the random-init model")
     p.add_argument("--batch", type=int, default=4, help="train: SFT rows (step-DPO: half as many packed rows)")
     p.add_argument("--seq", type=int, default=1024, help="train: tokens per SFT row / per packed trajectory")
     p.add_argument("--device", default=None, help="train: cuda if there is one, else cpu")
