@@ -315,6 +315,11 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                 f"Not computed yet: {'; '.join(missing)}." if missing else "All cells computed."]
         lines = verdicts(cells, n_seeds, have)
         out += [""] + lines if lines else []
+        if n_seeds > 1 and any(cells[key, "test"] for key in ROWS):  # what the paired verdicts are made of
+            out += ["", "Test success per seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                    "| --- |" + " --- |" * n_seeds]
+            out += [f"| {LABEL[key]} | " + " | ".join(f"{cells[key, 'test'][s]:.3f}" if s in cells[key, "test"]
+                                                    else "—" for s in seeds) + " |" for key in ROWS]
         nov, per_it, any_value = values(cfg, env, "novice", "test", "success_rate"), [], False
         for key in METHODS:
             row = [mean_str(nov)]

@@ -135,6 +135,7 @@ def test_table_end_to_end(tmp_path):
         "- StepAgent-Inverse vs ETO: test success 0.500 vs 0.250, higher on average, not on every seed "
         f"(1/2 seeds higher; paired difference +0.250 ± {math.sqrt(1.125):.3f}); test_unseen: not computed yet")
     assert verdict["- StepAgent-Inverse vs outcome-PPO"].endswith("; test_unseen: not computed yet")
+    assert "| ETO | 0.500 | 0.000 |" in md and "| StepAgent-Implicit | 1.000 | 0.500 |" in md  # per seed
 
     # the table command fills the missing cells (evaluations only) and leaves the training alone
     _run(["table", *TABLE, "--out", out, "--results", res], script="results.py")
