@@ -22,7 +22,8 @@ config its own script would build, so <out>/hotpotqa-seed1/eto is what
 `python train_implicit.py --level trajectory --env hotpotqa --seed 1 --n_test 200 --dim 256
 --n_layers 4 --n_heads 4 --out <out>/hotpotqa-seed1`
 makes. Every number is read back from a summary.json there; runs, evaluations and checkpoints are
-cached, so rerunning a command after an interruption continues and finished cells cost nothing.
+cached, so rerunning a command after an interruption continues and finished cells cost nothing. Cells
+run seed by seed (every env's seed 0, then every env's seed 1, ...), so a partial table spans the envs.
 The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
 whose per-iteration success RESULTS.md shows too). Spread = the sample standard deviation over seeds
 (n - 1 in the denominator); a cell with one seed shows the value alone. A preset other than tiny
@@ -513,8 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     path = os.path.join(cfg.out, "commands.json")
     recorded = json.load(open(path)) if os.path.exists(path) else {}
     envs.write_json(path, {**recorded, key: argv})
-    for env in names(cfg.envs):
-        for seed in ints(cfg.seeds):
+    for seed in ints(cfg.seeds):  # seed-major: every env's seed 0 before any seed 1, so a partial table spans the envs
+        for env in names(cfg.envs):
             if argv[0] == "table":
                 for k in table_methods:
                     train(cfg, k, env, seed, unseen=True)
