@@ -284,6 +284,38 @@ def bench_rollout(a) -> None:
     row(f"one turn, {min(lens)}-{max(lens)} new tokens per row", f"{t_half:.2f}", f"{t_each:.2f}",
         f"{t_each / t_half:.1f}x", "yes" if got[0.5] == got[1.0] else "NO")
 
+    # conversations past the context: household to its 40-step limit with 64-token random turns; an
+    # overflowing conversation loses its oldest pairs, so its history changes and ChatCache must
+    # prefill it again. Ours frees a quarter of the context at once (stepagent.CONTEXT_CUT) and
+    # prefills rows in groups of similar length (model.PREFILL_SPREAD); the peers drop one pair a
+    # turn (each over-budget turn re-prefills ~2k tokens) and pad every row to the longest
+    n = 16
+    print(f"\n## rollouts past the context: {n} household test tasks to the 40-step limit, greedy, "
+          "64-token turns, tiny preset (random init, 2,048-token context)\n")
+    row("what", "time (s)", "vs ours", "same trajectories as the row above")
+    row(*["---"] * 4)
+    recs = [envs.run_expert(envs.load_env("household"), t) for t in envs.make("household", "train", n=200, seed=0)]
+    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]], 1024, tempfile.mkdtemp())
+    model = M.Transformer.from_args(S.tiny_args(S.Config(), tok.vocab_size)).eval()
+    tasks = envs.make("household", "test", n=n, seed=0)
+    runs = [("ours: free a quarter, prefill in length groups", 0.25, 2.0),
+            ("one pair a turn, prefill in length groups", 0.0, 2.0),
+            ("one pair a turn, one padded prefill (the earlier code)", 0.0, float("inf"))]
+    prev, t_ours = None, None
+    try:
+        for name, cut, spread in runs:
+            S.CONTEXT_CUT, M.PREFILL_SPREAD = cut, spread
+
+            t = time.perf_counter()  # one run each (about a minute): the sections above warmed up
+            out["h"] = S.rollout(model, tok, "household", tasks, max_new_tokens=64, batch=n)
+            t = time.perf_counter() - t
+            t_ours = t_ours or t
+            convs = [r["conversations"] for r in out["h"]]
+            row(name, f"{t:.1f}", f"{t / t_ours:.1f}x", "-" if prev is None else ("yes" if convs == prev else "no"))
+            prev = convs
+    finally:
+        S.CONTEXT_CUT, M.PREFILL_SPREAD = 0.25, 2.0
+
 
 def bench_dpo(a) -> None:
     """One step-DPO optimiser step (forward, loss, backward, AdamW) on the same batch: packed rows

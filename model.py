@@ -881,25 +881,64 @@ def _generate_cached(model, prompts, cache, max_new_tokens, *decode_args):
         start.append(n)
         cache.ids[r] = old[:n]  # slots from n on are about to be overwritten
     new = [p[n:] for p, n in zip(prompts, start)]
-    T = max(len(x) for x in new)
-    tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
-    for b, x in enumerate(new):
-        tokens[b, : len(x)] = torch.tensor(x, device=dev)
     start_t = torch.tensor(start, device=dev)
     n_new = torch.tensor([len(x) for x in new], device=dev)
-    pos = start_t[:, None] + torch.arange(T, device=dev)[None]  # (B, T); padding columns run past the row's end
-    W = int(start_t.max()) + T
-    mask = torch.arange(W, device=dev)[None, None] <= pos[:, :, None]  # (B, T, W) causal per row
-    model.caches = cache.reserve(W + max_new_tokens)
+    model.caches = cache.reserve(max(start) + max(len(x) for x in new) + max_new_tokens)
     try:
         with packed_weights(model):
-            h = model.hidden(tokens, pos, mask, pos)
-            logits = model.lm_head(h[torch.arange(B, device=dev), n_new - 1])
+            logits = [None] * B
+            for g in _length_groups([len(x) for x in new]):
+                for r, lg in zip(g, _prefill_rows(model, g, [new[r] for r in g], [start[r] for r in g], B)):
+                    logits[r] = lg
             for r, p in enumerate(prompts):
                 cache.ids[r] = list(p)
-            return decode(model, logits, start_t + n_new, None, None, max_new_tokens, *decode_args)
+            return decode(model, torch.stack(logits), start_t + n_new, None, None, max_new_tokens, *decode_args)
     finally:
         model.caches = None
+
+
+PREFILL_SPREAD = 2.0  # rows prefilled in one batch differ in new tokens by at most this factor (inf: one batch)
+
+
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows grouped by how many tokens they prefill, longest first, each group's shortest row at
+    least 1/PREFILL_SPREAD of its longest: a batch pads every row to its longest, so one
+    conversation that lost its history (all of it to prefill again) would otherwise make every row
+    pay for its length."""
+    groups = []
+    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if groups and PREFILL_SPREAD * lengths[r] >= lengths[groups[-1][0]]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return [sorted(g) for g in groups]  # rows in cache order (one group: the batch as it is)
+
+
+def _prefill_rows(model, rows, new, start, B):
+    """Prefill `new[i]` at positions start[i].. for cache row rows[i] (right-padded), and return
+    each row's logits (V,) after its last new token. A proper subset of the rows works on a copy of
+    their cache rows, written back after."""
+    dev, T = model.device, max(len(x) for x in new)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
+    for b, x in enumerate(new):
+        tokens[b, : len(x)] = torch.tensor(x, device=dev)
+    pos = torch.tensor(start, device=dev)[:, None] + torch.arange(T, device=dev)[None]  # padding runs past the row's end
+    mask = torch.arange(max(start) + T, device=dev)[None, None] <= pos[:, :, None]  # (b, T, W) causal per row
+    full, idx = model.caches, None
+    if rows != list(range(B)):
+        idx = torch.tensor(rows, device=dev)
+        model.caches = [KVCache.of(c.k[idx], c.v[idx]) for c in full]
+    try:
+        h = model.hidden(tokens, pos, mask, pos)
+        last = torch.tensor([len(x) - 1 for x in new], device=dev)
+        logits = model.lm_head(h[torch.arange(len(rows), device=dev), last])
+        if idx is not None:
+            for c, sub in zip(full, model.caches):
+                c.k.index_copy_(0, idx, sub.k)
+                c.v.index_copy_(0, idx, sub.v)
+    finally:
+        model.caches = full
+    return list(logits)
 
 
 COMPACT_AT = 0.5  # decode drops finished rows once the live ones are at most this share (1.0: at once)

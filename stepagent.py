@@ -163,6 +163,7 @@ def seed_all(seed: int) -> None:
 # ----------------------------------------------------------------------------- conversations
 
 _warned_overflow = False
+CONTEXT_CUT = 0.25  # share of the prompt budget an overflowing conversation frees at once (0: a pair at a time)
 
 
 def to_messages(record: dict) -> list[dict]:
@@ -171,21 +172,26 @@ def to_messages(record: dict) -> list[dict]:
             for c in record["conversations"]]
 
 
-def fit_context(tok: M.Tokenizer, messages: list[dict], budget: int):
-    """Token ids of the chat (ending in a generation prompt), dropping the oldest assistant/user
-    pairs after the first user turn until it fits in `budget` tokens; says so once."""
+def fit_context(tok: M.Tokenizer, messages: list[dict], budget: int, keep: int = 1, drop: int = 0):
+    """(ids, drop): token ids of the chat (ending in a generation prompt) with `drop` assistant/user
+    pairs left out after its first `keep` messages (the task's first user turn, and a one-shot
+    example before it). When that is over `budget`, more pairs go at once: enough to bring it down
+    to (1 - CONTEXT_CUT) of the budget, so the next turns append to an unchanged history and
+    model.ChatCache re-prefills a conversation once per quarter-context of new turns, not at every
+    turn. The caller keeps `drop` per conversation. Says once that it happened."""
     global _warned_overflow
-    msgs = list(messages)
-    while True:
-        ids, _ = tok.encode_chat(msgs, add_generation_prompt=True)
-        if len(ids) <= budget or len(msgs) < 4:
-            break
-        msgs = msgs[:1] + msgs[3:]
+    def chat(d):
+        return tok.encode_chat(messages[:keep] + messages[keep + 2 * d:], add_generation_prompt=True)[0]
+    ids = chat(drop)
+    if len(ids) > budget:
         if not _warned_overflow:
             tqdm.write(f"note: a conversation exceeded the context ({budget} tokens for the prompt); "
                        "dropping its oldest observation/action pairs (said once)")
             _warned_overflow = True
-    return ids[-budget:] if len(ids) > budget else ids
+        while len(ids) > int(budget * (1 - CONTEXT_CUT)) and keep + 2 * drop + 3 <= len(messages):
+            drop += 1
+            ids = chat(drop)
+    return (ids[-budget:] if len(ids) > budget else ids), drop
 
 
 # a turn is one thought and one action: text that starts another ends it (an undertrained model rambles)
@@ -213,6 +219,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     tasks = P.shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
+    keep = len(one_shot or []) + 1  # the example and the task's first user turn always stay
     pool = [envs.load_env(env_name, **(env_kwargs or {})) for _ in range(min(batch, len(tasks)))]
     bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not P.is_main())
     for lo in range(0, len(tasks), batch):
@@ -220,10 +227,13 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
         for env, i in zip(pool, range(lo, min(lo + batch, len(tasks)))):
             first = env.reset(tasks[i])  # (some envs set max_steps per task here)
             msgs = [{"role": "user", "content": f"{envs.instruction(env)}\n\n{first}"}]
-            live.append({"i": i, "env": env, "msgs": msgs, "reward": 0.0, "steps": 0})
+            live.append({"i": i, "env": env, "msgs": msgs, "reward": 0.0, "steps": 0, "drop": 0})
         cache = M.ChatCache(model, len(live)) if reuse_cache else None  # each turn prefills only its new tokens
         while live:
-            prompts = [fit_context(tok, (one_shot or []) + s["msgs"], budget) for s in live]
+            prompts = []
+            for s in live:
+                ids, s["drop"] = fit_context(tok, (one_shot or []) + s["msgs"], budget, keep, s["drop"])
+                prompts.append(ids)
             outs, _ = M.generate(model, prompts, max_new_tokens, temperature, top_p, tokenizer=tok,
                                  stop=STOP, generator=generator, cache=cache)
             kept = []  # indices into live of the tasks still playing

@@ -155,6 +155,20 @@ def test_chat_cache_reuses_turns_and_equals_fresh_prefill(tiny):
         M.generate(model, convs[:2], 4, cache=cache)
 
 
+def test_chat_cache_prefills_rows_in_length_groups(tiny):
+    """Rows are prefilled in groups of similar new-token counts (one long re-prefill must not pad
+    every row to its length); grouped or not, in any order, the tokens equal a fresh prefill's."""
+    model, _ = tiny
+    assert M._length_groups([5, 37, 12, 60, 21]) == [[1, 3], [2, 4], [0]]  # 60 37 | 21 12 | 5
+    assert M._length_groups([30, 40, 35]) == [[0, 1, 2]]
+    g = torch.Generator().manual_seed(2)
+    for lengths in ([30, 40, 35], [3, 90, 8, 44]):  # one group, not longest-first; several groups
+        prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        fresh, _ = M.generate(model, prompts, 8, stop_ids=[])
+        got, _ = M.generate(model, prompts, 8, stop_ids=[], cache=M.ChatCache(model, len(prompts)))
+        assert got == fresh
+
+
 def test_rows_finishing_early_leave_the_other_rows_unchanged(tiny):
     """Finished rows stay in the decode batch until half are done (then the caches are compacted):
     every row's tokens and log-probs still equal those of the row generated alone."""

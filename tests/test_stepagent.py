@@ -74,15 +74,44 @@ def test_packed_scoring_equals_separate_forwards(tiny):
     model.zero_grad()
 
 
-def test_fit_context_drops_oldest_pairs_keeps_first_turn(tiny):
+def test_fit_context_drops_oldest_pairs_keeps_first_turn(tiny, monkeypatch):
     _, tok = tiny
-    full, _ = tok.encode_chat(CONV[:-1], add_generation_prompt=True)
-    assert S.fit_context(tok, CONV[:-1], len(full)) == full  # fits: unchanged
-    ids = S.fit_context(tok, CONV[:-1], len(full) - 5)
-    kept = CONV[:1] + CONV[3:-1]  # the first user turn stays; the oldest action/observation pair goes
-    assert ids == tok.encode_chat(kept, add_generation_prompt=True)[0]
-    tiny_budget = S.fit_context(tok, CONV[:-1], 40)
-    assert len(tiny_budget) == 40  # never longer than the budget, even when only the first turn is left
+    enc = lambda msgs: tok.encode_chat(msgs, add_generation_prompt=True)[0]  # noqa: E731
+    full = enc(CONV[:-1])
+    assert S.fit_context(tok, CONV[:-1], len(full)) == (full, 0)  # fits: unchanged
+    ids, drop = S.fit_context(tok, CONV[:-1], len(full) - 5)
+    # the first user turn stays; the oldest action/observation pairs go until 3/4 of the budget is left
+    assert drop >= 1 and ids == enc(CONV[:1] + CONV[1 + 2 * drop:-1])
+    assert len(ids) <= (len(full) - 5) * 3 // 4 or drop == 2  # (2 = all pairs but the last observation)
+    assert len(enc(CONV[:1] + CONV[2 * drop - 1:-1])) > (len(full) - 5) * 3 // 4  # one pair fewer would not do
+    monkeypatch.setattr(S, "CONTEXT_CUT", 0.0)  # the peer bench.py compares with: the fewest pairs that fit
+    assert S.fit_context(tok, CONV[:-1], len(full) - 5) == (enc(CONV[:1] + CONV[3:-1]), 1)
+    monkeypatch.undo()
+    tiny_budget, drop = S.fit_context(tok, CONV[:-1], 40)
+    assert len(tiny_budget) == 40 and drop == 2  # never longer than the budget, even with only the first turn left
+    # a one-shot example (`keep` messages) stays whole, ahead of the task's own first turn
+    shot = CONV[:2]
+    ids, drop = S.fit_context(tok, shot + CONV[:-1], len(enc(shot + CONV[:-1])) - 5, keep=3)
+    assert drop >= 1 and ids == enc(shot + CONV[:1] + CONV[1 + 2 * drop:-1])
+
+
+def test_fit_context_keeps_the_history_fixed_between_cuts(tiny):
+    """A growing conversation over budget: each cut frees a quarter of the context, so the next turns
+    append to an unchanged prompt (a cache hit for ChatCache) until the budget is reached again."""
+    _, tok = tiny
+    conv = CONV[:1] + (CONV[1:7] * 12)  # 36 action/observation pairs
+    budget, drop, prev, cuts = 400, 0, None, 0
+    for end in range(3, len(conv) + 1, 2):
+        ids, new_drop = S.fit_context(tok, conv[:end], budget, drop=drop)
+        assert len(ids) <= budget and new_drop >= drop
+        assert ids == tok.encode_chat(conv[:1] + conv[1 + 2 * new_drop:end], add_generation_prompt=True)[0]
+        if prev is not None and new_drop == drop:
+            assert ids[: len(prev) - 3] == prev[:-3]  # the last prompt (less its generation prompt) is a prefix
+        cuts += new_drop > drop
+        drop, prev = new_drop, ids
+    n_over = sum(len(tok.encode_chat(conv[:end], add_generation_prompt=True)[0]) > budget
+                 for end in range(3, len(conv) + 1, 2))
+    assert n_over >= 20 and 1 <= cuts <= n_over // 2  # one pair a turn would re-prefill at all n_over
 
 
 def test_match_rates_and_length_batches():
