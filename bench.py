@@ -276,10 +276,11 @@ def bench_rollout(a) -> None:
                                  generator=torch.Generator().manual_seed(1))[0]
         return fn
 
+    saved = M.COMPACT_AT
     try:
         t_half, t_each = timeit(gen(0.5), a.repeat), timeit(gen(1.0), a.repeat)
     finally:
-        M.COMPACT_AT = 0.5
+        M.COMPACT_AT = saved
     lens = [len(x) for x in got[0.5]]
     row(f"one turn, {min(lens)}-{max(lens)} new tokens per row", f"{t_half:.2f}", f"{t_each:.2f}",
         f"{t_each / t_half:.1f}x", "yes" if got[0.5] == got[1.0] else "NO")
@@ -301,20 +302,19 @@ def bench_rollout(a) -> None:
     runs = [("ours: free a quarter, prefill in length groups", 0.25, 2.0),
             ("one pair a turn, prefill in length groups", 0.0, 2.0),
             ("one pair a turn, one padded prefill (the earlier code)", 0.0, float("inf"))]
-    prev, t_ours = None, None
+    prev, t_ours, saved = None, None, (S.CONTEXT_CUT, M.PREFILL_SPREAD)
     try:
         for name, cut, spread in runs:
             S.CONTEXT_CUT, M.PREFILL_SPREAD = cut, spread
-
             t = time.perf_counter()  # one run each (about a minute): the sections above warmed up
-            out["h"] = S.rollout(model, tok, "household", tasks, max_new_tokens=64, batch=n)
+            played = S.rollout(model, tok, "household", tasks, max_new_tokens=64, batch=n)
             t = time.perf_counter() - t
             t_ours = t_ours or t
-            convs = [r["conversations"] for r in out["h"]]
+            convs = [r["conversations"] for r in played]
             row(name, f"{t:.1f}", f"{t / t_ours:.1f}x", "-" if prev is None else ("yes" if convs == prev else "no"))
             prev = convs
     finally:
-        S.CONTEXT_CUT, M.PREFILL_SPREAD = 0.25, 2.0
+        S.CONTEXT_CUT, M.PREFILL_SPREAD = saved
 
 
 def bench_dpo(a) -> None:
