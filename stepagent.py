@@ -811,13 +811,20 @@ def atomic_torch_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def cached_evaluate(get_model, cfg: Config, split: str, n: int, out_dir: str, desc: str) -> dict:
-    """evaluate(), unless out_dir already holds a summary of the same split, size and seed."""
+def _cached_summary(out_dir: str, split: str, n: int, seed: int) -> dict | None:
     path = os.path.join(out_dir, "summary.json")
     if os.path.exists(path):
         s = json.load(open(path))
-        if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, cfg.seed):
+        if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed):
             return s
+    return None
+
+
+def cached_evaluate(get_model, cfg: Config, split: str, n: int, out_dir: str, desc: str) -> dict:
+    """evaluate(), unless out_dir already holds a summary of the same split, size and seed."""
+    s = _cached_summary(out_dir, split, n, cfg.seed)
+    if s is not None:
+        return s
     model, tok = get_model()
     return evaluate(model, tok, cfg, split, n, out_dir, desc=desc)
 
@@ -827,7 +834,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
 
         novice (SFT, cached) -> for it in 1..I: collect -> reflect -> dev + test evaluation -> checkpoint
 
-    Files in <out>/<method.name>: metrics.jsonl (one line per optimiser step, plus iteration events),
+    Files in <out>/<method.name>: metrics.jsonl (one line per optimiser step, plus iteration events, and a
+    reevaluation event when a saved iteration's evaluation is re-run),
     collect-<it>.pt, eval-iter<it>-{dev,test}/ (summary.json, trajectories.json), iter<it>/ (the
     policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
     written every save_every steps). Rerunning the same command after a crash or kill -9 resumes
@@ -895,15 +903,20 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         P.barrier()  # every rank has looked before rank 0 writes it
         # the policy being trained, or an earlier iteration's checkpoint
         get = lambda: (P.replica(model), tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731
-        dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, os.path.join(run, f"eval-iter{it + 1}-dev"), "dev")
-        test = cached_evaluate(get, cfg, "test", cfg.n_test, os.path.join(run, f"eval-iter{it + 1}-test"), "test")
+        evals = {s: (os.path.join(run, f"eval-iter{it + 1}-{s}"), n)
+                 for s, n in (("dev", cfg.n_dev), ("test", cfg.n_test))}
+        cached = all(_cached_summary(d, s, n, cfg.seed) is not None for s, (d, n) in evals.items())
+        dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, evals["dev"][0], "dev")
+        test = cached_evaluate(get, cfg, "test", cfg.n_test, evals["test"][0], "test")
         table.append((f"{title} iter {it + 1}", test))
         if not saved:
             full = P.replica(model)
             if P.is_main():
                 M.save_model(full, tok, ckpt)
-            log(event="iteration", iteration=it + 1, step=state["step"], dev_success=dev["success_rate"],
-                dev_reward=dev["avg_reward"], test_success=test["success_rate"], test_reward=test["avg_reward"])
+        if not saved or not cached:  # a re-run evaluation of a saved iteration is logged as such
+            log(event="iteration" if not saved else "reevaluation", iteration=it + 1, step=state["step"],
+                dev_success=dev["success_rate"], dev_reward=dev["avg_reward"],
+                test_success=test["success_rate"], test_reward=test["avg_reward"])
     print(f"\n{cfg.env}, seed {cfg.seed}, {cfg.n_test} test tasks")
     print("| model | success | avg reward | avg steps |\n| --- | --- | --- | --- |")
     for name, s in table:

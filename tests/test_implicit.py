@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,17 @@ def test_train_implicit_smoke(tmp_path):
     assert os.path.exists(os.path.join(out, "implicit", "iter2", "model.safetensors"))
     assert [x["iteration"] for x in _metrics(os.path.join(out, "implicit")) if x.get("event") == "iteration"] == [1, 2]
     # a finished run rerun does nothing new and prints the same table
+    n_lines = len(_metrics(os.path.join(out, "implicit")))
     assert _run([*MICRO, "--traj_batch", "3", "--out", out]).split("\n| model")[1] == stdout.split("\n| model")[1]
+    assert len(_metrics(os.path.join(out, "implicit"))) == n_lines
+    # a deleted evaluation of a saved iteration is re-run and logged as a reevaluation, not an iteration
+    shutil.rmtree(os.path.join(out, "implicit", "eval-iter1-test"))
+    _run([*MICRO, "--traj_batch", "3", "--out", out])
+    lines = _metrics(os.path.join(out, "implicit"))
+    summary = json.load(open(os.path.join(out, "implicit", "eval-iter1-test", "summary.json")))
+    assert [x["iteration"] for x in lines if x.get("event") == "iteration"] == [1, 2]
+    assert [(x["iteration"], x["test_success"]) for x in lines[n_lines:]] == [(1, summary["success_rate"])]
+    assert lines[n_lines]["event"] == "reevaluation"
     # another option in the same folder is refused, not silently mixed in
     r = subprocess.run([sys.executable, "train_implicit.py", *MICRO, "--traj_batch", "3", "--beta", "0.5", "--out", out],
                        capture_output=True, text=True, timeout=300)
