@@ -874,8 +874,10 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                                                  "method.pt": method.state_dict()})
 
     for it in range(cfg.iterations):
+        timed = {}  # wall seconds of this process's collect / reflect (a resumed run times what it redid)
         if it > state["iteration"] or (it == state["iteration"] and not state["done"]):
             path = os.path.join(run, f"collect-{it + 1}.pt")
+            t0 = time.time()
             if os.path.exists(path):
                 data = torch.load(path, weights_only=False)
             else:
@@ -884,8 +886,10 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                 data = method.collect(P.replica(model), tok, it, g)  # the same on every rank (gathered)
                 if P.is_main():
                     atomic_torch_save(data, path)
+                timed["collect_seconds"] = round(time.time() - t0, 1)
             n = method.n_updates(data)
             first = state["batch"] if state["iteration"] == it else 0
+            t0 = time.time()
             model.train()
             bar = tqdm(range(first, n), desc=f"reflect {it + 1}/{cfg.iterations}", dynamic_ncols=True,
                        disable=not P.is_main())
@@ -897,6 +901,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                 if b + 1 < n and cfg.save_every and (b + 1) % cfg.save_every == 0:
                     save()
             state = {**state, "iteration": it, "done": True}
+            timed.update(reflect_seconds=round(time.time() - t0, 1), timed_updates=n - first)
             save()
         ckpt = os.path.join(run, f"iter{it + 1}")
         saved = os.path.exists(os.path.join(ckpt, "config.json"))
@@ -916,7 +921,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         if not saved or not cached:  # a re-run evaluation of a saved iteration is logged as such
             log(event="iteration" if not saved else "reevaluation", iteration=it + 1, step=state["step"],
                 dev_success=dev["success_rate"], dev_reward=dev["avg_reward"],
-                test_success=test["success_rate"], test_reward=test["avg_reward"])
+                test_success=test["success_rate"], test_reward=test["avg_reward"], **timed)
     print(f"\n{cfg.env}, seed {cfg.seed}, {cfg.n_test} test tasks")
     print("| model | success | avg reward | avg steps |\n| --- | --- | --- | --- |")
     for name, s in table:

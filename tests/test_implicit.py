@@ -80,7 +80,11 @@ def test_train_implicit_smoke(tmp_path):
     assert updates and all(x["pairs"] > 0 for x in updates)
     assert abs(updates[0]["losses/dpo"] - math.log(2)) < 1e-3  # first update: pi == pi_ref
     assert os.path.exists(os.path.join(out, "implicit", "iter2", "model.safetensors"))
-    assert [x["iteration"] for x in _metrics(os.path.join(out, "implicit")) if x.get("event") == "iteration"] == [1, 2]
+    iters = [x for x in _metrics(os.path.join(out, "implicit")) if x.get("event") == "iteration"]
+    assert [x["iteration"] for x in iters] == [1, 2]
+    # each iteration's line times its collect and its reflection, over all of its updates
+    assert [x["timed_updates"] for x in iters] == [sum(u["iteration"] == i for u in updates) for i in (1, 2)]
+    assert all(x["collect_seconds"] > 0 and x["reflect_seconds"] > 0 for x in iters)
     # a finished run rerun does nothing new and prints the same table
     n_lines = len(_metrics(os.path.join(out, "implicit")))
     assert _run([*MICRO, "--traj_batch", "3", "--out", out]).split("\n| model")[1] == stdout.split("\n| model")[1]
