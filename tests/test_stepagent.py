@@ -164,6 +164,27 @@ def test_expert_data_says_when_the_train_split_is_smaller(tmp_path, capsys):
     assert f"train split has {n_all} tasks" in capsys.readouterr().out
 
 
+def test_expert_data_leaves_out_failed_expert_trajectories(tmp_path, capsys, monkeypatch):
+    import envs
+
+    real = envs.run_expert
+
+    def flaky(env, task):  # the second task's expert misses, as a ScienceWorld gold path can
+        r = real(env, task)
+        return {**r, "reward": 0.0} if task.id == tasks[1].id else r
+
+    tasks = envs.make("household", "train", n=4, seed=0)
+    monkeypatch.setattr(envs, "run_expert", flaky)
+    cfg = S.Config(env="household", n_train=4, out=str(tmp_path))
+    recs = S.expert_data(cfg)
+    assert [r["id"] for r in recs] == [t.id for i, t in enumerate(tasks) if i != 1]
+    assert f"failed 1 of 4 household train tasks, left out: {tasks[1].id}" in capsys.readouterr().out
+    assert [r["id"] for r in S.expert_data(cfg)] == [r["id"] for r in recs]  # the cached file holds the same
+    monkeypatch.setattr(envs, "run_expert", lambda env, task: {**real(env, task), "reward": 0.0})
+    with pytest.raises(RuntimeError, match="failed all 3"):
+        S.expert_data(S.Config(env="household", n_train=3, out=str(tmp_path / "b")))
+
+
 def test_whole_ids_tokenizer_gives_one_token_per_seen_id(tmp_path):
     texts = ["Observation: [SEP] B0BKKZV1PF [SEP] red shoes [SEP] $12.00 [SEP] B09P0RV4AN [SEP] blue",
              "Thought: the first result fits.\nAction: click[B0BKKZV1PF]"] * 20
