@@ -59,6 +59,7 @@ import importlib
 import math
 import random
 import re
+import subprocess
 import zlib
 
 from envs import Task, parse_action, react_turn
@@ -74,6 +75,18 @@ def _import(module: str, pip_name: str, env_name: str):
     except ImportError:
         raise ImportError(f"the {env_name!r} env needs the {pip_name!r} package (and Java 17): "
                           f"pip install {pip_name}") from None
+
+
+def _close_jvm(sim) -> None:
+    """The package's close, then a wait for its JVM to exit (~30 ms): its __del__ closes again at
+    garbage collection and, if the JVM is still shutting down then, prints a BrokenPipeError."""
+    sim.close()
+    proc = getattr(getattr(sim, "_gateway", None), "java_process", None)
+    if proc is not None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _interleave(groups: list[list], rng: random.Random) -> list:
@@ -319,7 +332,7 @@ class ScienceWorldEnv:
     def close(self) -> None:
         for sim in (self._sim, self._aux):
             if sim is not None:
-                sim.close()
+                _close_jvm(sim)
 
 
 # ----------------------------------------------------------------------------- TextWorldExpress
@@ -443,4 +456,4 @@ class TextWorldExpressEnv:
         return list(self._expert[task.id])
 
     def close(self) -> None:
-        self._sim.close()
+        _close_jvm(self._sim)

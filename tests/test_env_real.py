@@ -276,3 +276,14 @@ def test_missing_package_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "textworld_express", None)
     with pytest.raises(ImportError, match="pip install textworld-express"):
         env_real.TextWorldExpressEnv()
+
+
+@pytest.mark.parametrize("name, module", [("scienceworld", "scienceworld"), ("textworld-express", "textworld_express")])
+def test_close_waits_for_the_jvm(name, module):
+    """close() returns once the JVM has exited, so the package's own __del__ (which closes again)
+    finds no half-closed pipe to write to (it printed a BrokenPipeError at the end of runs)."""
+    pytest.importorskip(module)
+    env = envs.load_env(name)
+    env.close()
+    procs = [s._gateway.java_process for s in (getattr(env, "_sim", None), getattr(env, "_aux", None)) if s]
+    assert procs and all(p.poll() is not None for p in procs)
