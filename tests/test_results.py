@@ -211,3 +211,38 @@ def test_table_with_a_model_folder_preset_on_an_env_without_test_unseen(tmp_path
     assert rows["StepAgent-Implicit"][:4] == [f"{got['success_rate']:.3f}", f"{got['avg_reward']:.3f}", "n/a", "n/a"]
     assert "Not computed yet: SFT-continued test (seed 0); ETO test (seed 0);" in section  # test_unseen not listed
     assert "test_unseen" not in "".join(x for x in section.splitlines() if x.startswith("- StepAgent-"))
+
+
+def test_commands_are_recorded_per_option_set(tmp_path):
+    """A table run piece by piece records one command covering its envs and seeds; a preset's runs
+    with other options (a second env with its own task counts) keep a section each; other options
+    on the same env replace the recorded command; the earlier one-command format still reads."""
+    tw = ["table", "--preset", "smollm2", "--envs", "textworld-express", "--seeds", "0", "--n_test", "50",
+          "--methods", "implicit"]
+    sw = ["table", "--preset", "smollm2", "--envs", "scienceworld", "--seeds", "0", "--n_test", "30"]
+    rec = {"table-smollm2": tw}  # the earlier format
+    assert R.commands(rec, "table-smollm2") == [tw]
+    rec["table-smollm2"] = R.record_command(rec, "table-smollm2", sw)
+    assert rec["table-smollm2"] == [tw, sw]
+    more = R.record_command(rec, "table-smollm2", [*sw[:5], "--seeds", "2", "--n_test", "30", "--methods", "eto"])
+    assert more == [tw, [*sw[:6], "0,2", "--n_test", "30"]]  # seeds joined, --methods dropped
+    assert R.record_command(rec, "table-smollm2", [*sw[:7], "--n_test", "40"]) == [tw, [*sw[:7], "--n_test", "40"]]
+    # the tiny table run env by env: its default envs and seeds, recorded as the bare command
+    table = []
+    for env in ("webshop", "household", "hotpotqa"):
+        for seed in ("0", "1,2"):
+            table = R.record_command({"table": table}, "table", ["table", "--envs", env, "--seeds", seed])
+    assert table == [["table"]]
+    sweep = R.record_command({}, "sweep-k", ["sweep", "--what", "k", "--envs", "webshop", "--ks", "1,2"])
+    assert R.record_command({"sweep-k": sweep}, "sweep-k", ["sweep", "--what", "k", "--envs", "hotpotqa", "--ks", "4"]) \
+        == [["sweep", "--what", "k", "--envs", "hotpotqa", "--ks", "4"]]  # a sweep keeps one command
+    # the report: a section per recorded preset command, each with its own task count
+    out, res = tmp_path / "runs", str(tmp_path / "RESULTS.md")
+    out.mkdir()
+    (out / "commands.json").write_text(json.dumps({"table-smollm2": [[*c, "--out", str(out)] for c in (tw, sw)]}))
+    _run(["report", "--out", str(out), "--results", res], script="results.py")
+    md = open(res).read()
+    for env, n in (("textworld-express", 50), ("scienceworld", 30)):
+        section = md.split(f"## Methods with the smollm2 preset: {env}\n")[1].split("\n## ")[0]
+        assert f"{n} test and {n} test_unseen tasks" in section and f"### {env}" in section
+        assert "Not computed yet: every cell" in section
