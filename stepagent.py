@@ -476,7 +476,8 @@ def train_sft(cfg: Config) -> str:
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
     n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
     n_epochs = n_pre + cfg.sft_epochs
-    if state["epoch"] >= n_epochs:
+    pending = "dev" in state and state["dev"] is None  # saved, then stopped in its dev evaluation
+    if state["epoch"] >= n_epochs and not pending:
         print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
         return ckpt
     model, tok = load(ckpt if state["epoch"] else base, cfg)
@@ -499,6 +500,19 @@ def train_sft(cfg: Config) -> str:
         print(f"resuming SFT from {ckpt} after epoch {state['epoch']}")
     log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))
     step = state["step"]
+
+    def dev_epoch(st: dict) -> None:
+        """The dev evaluation of the epoch just saved (st: its trainer state), its log line, the state
+        completed. The checkpoint is written first, so a crash in the evaluation loses no training."""
+        dev = evaluate(P.replica(model), tok, cfg, "dev", cfg.n_dev, desc="sft dev")
+        log(event="sft_epoch", epoch=st["epoch"], step=st["step"], loss=st["loss"],
+            dev_success=dev["success_rate"], dev_reward=dev["avg_reward"], tokens_per_s=st["tokens_per_s"])
+        if P.is_main():
+            envs.write_json(state_path, {**st, "dev": dev})
+
+    if pending:
+        print(f"SFT epoch {state['epoch']} was saved before its dev evaluation: evaluating it now")
+        dev_epoch(state)
     model.train()
     for epoch in range(state["epoch"], n_epochs):
         pre = epoch < n_pre
@@ -530,15 +544,16 @@ def train_sft(cfg: Config) -> str:
                 if step % cfg.log_every == 0:
                     log.write(step=step, loss=loss_all, lr=lr, grad_norm=gn.item())
         speed = P.all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
-        dev = {} if pre else evaluate(P.replica(model), tok, cfg, "dev", cfg.n_dev, desc="sft dev")
-        model.train()
-        log(event="pretrain_epoch" if pre else "sft_epoch", epoch=epoch + 1, step=step, loss=loss_all,
-            **({} if pre else {"dev_success": dev["success_rate"], "dev_reward": dev["avg_reward"]}),
-            tokens_per_s=speed)
+        st = {"epoch": epoch + 1, "step": step, "loss": loss_all, "tokens_per_s": speed, "dev": {} if pre else None}
         full, opt_state = P.replica(model), P.optim_state(model, opt)
         if P.is_main():
-            M.save_model(full, tok, ckpt, extra={"trainer_state.json": {"epoch": epoch + 1, "step": step, "dev": dev},
-                                                 "optimizer.pt": opt_state})
+            M.save_model(full, tok, ckpt, extra={"trainer_state.json": st, "optimizer.pt": opt_state})
+        P.barrier()
+        if pre:
+            log(event="pretrain_epoch", epoch=epoch + 1, step=step, loss=loss_all, tokens_per_s=speed)
+        else:
+            dev_epoch(st)
+        model.train()
     P.barrier()  # the other ranks go on to read the novice rank 0 wrote
     print(f"novice saved to {ckpt}")
     return ckpt

@@ -1,4 +1,7 @@
 """stepagent.py: prefix-shared sampling and packed scoring equal their naive references."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -204,3 +207,33 @@ def test_whole_ids_tokenizer_gives_one_token_per_seen_id(tmp_path):
 def test_rename_ids_with_whole_ids_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--whole_ids false"):
         S.train_sft(S.Config(out=str(tmp_path), n_train=2, rename_ids=True))
+
+
+def test_sft_saves_its_epoch_before_the_dev_evaluation(tmp_path, monkeypatch):
+    """A run stopped in an epoch's dev evaluation keeps the epoch's training: rerun, it evaluates
+    the saved epoch, goes on, and ends with the weights and epoch lines of an uninterrupted run."""
+    import dataclasses
+    from safetensors.torch import load_file
+
+    cfg = S.Config(env="hotpotqa", n_train=8, n_dev=2, sft_epochs=2, pretrain_epochs=1, dim=32, n_layers=1,
+                   n_heads=2, vocab_size=300, max_new_tokens=8, batch_size=4, eval_batch=4, out=str(tmp_path / "a"))
+    S.train_sft(cfg)
+    b = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    real = S.evaluate
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        S.train_sft(b)
+    state = json.load(open(os.path.join(b.out, "sft", "trainer_state.json")))
+    assert (state["epoch"], state["step"], state["dev"]) == (2, 4, None)  # pretraining + SFT epoch 1 kept
+    monkeypatch.setattr(S, "evaluate", real)
+    S.train_sft(b)
+    epochs = [[json.loads(x) for x in open(os.path.join(d, "sft_metrics.jsonl")) if "epoch" in x] for d in (cfg.out, b.out)]
+    strip = lambda lines: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
+    assert [x["epoch"] for x in epochs[1]] == [1, 2, 3] and strip(epochs[0]) == strip(epochs[1])
+    wa, wb = (load_file(os.path.join(d, "sft", "model.safetensors")) for d in (cfg.out, b.out))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.load(open(os.path.join(b.out, "sft", "trainer_state.json")))["dev"]["n"] == 2
