@@ -476,7 +476,7 @@ def train_sft(cfg: Config) -> str:
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
     n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
     n_epochs = n_pre + cfg.sft_epochs
-    pending = "dev" in state and state["dev"] is None  # saved, then stopped in its dev evaluation
+    pending = state.get("dev", {}) is None  # saved, then stopped in its dev evaluation
     if state["epoch"] >= n_epochs and not pending:
         print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
         return ckpt
@@ -548,7 +548,6 @@ def train_sft(cfg: Config) -> str:
         full, opt_state = P.replica(model), P.optim_state(model, opt)
         if P.is_main():
             M.save_model(full, tok, ckpt, extra={"trainer_state.json": st, "optimizer.pt": opt_state})
-        P.barrier()
         if pre:
             log(event="pretrain_epoch", epoch=epoch + 1, step=step, loss=loss_all, tokens_per_s=speed)
         else:
@@ -831,20 +830,14 @@ def atomic_torch_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _cached_summary(out_dir: str, split: str, n: int, seed: int) -> dict | None:
+def cached_evaluate(get_model, cfg: Config, split: str, n: int, out_dir: str, desc: str) -> dict:
+    """evaluate(), unless out_dir already holds a summary of the same split, size and seed
+    (get_model is called only when it evaluates)."""
     path = os.path.join(out_dir, "summary.json")
     if os.path.exists(path):
         s = json.load(open(path))
-        if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed):
+        if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, cfg.seed):
             return s
-    return None
-
-
-def cached_evaluate(get_model, cfg: Config, split: str, n: int, out_dir: str, desc: str) -> dict:
-    """evaluate(), unless out_dir already holds a summary of the same split, size and seed."""
-    s = _cached_summary(out_dir, split, n, cfg.seed)
-    if s is not None:
-        return s
     model, tok = get_model()
     return evaluate(model, tok, cfg, split, n, out_dir, desc=desc)
 
@@ -926,19 +919,19 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         ckpt = os.path.join(run, f"iter{it + 1}")
         saved = os.path.exists(os.path.join(ckpt, "config.json"))
         P.barrier()  # every rank has looked before rank 0 writes it
-        # the policy being trained, or an earlier iteration's checkpoint
-        get = lambda: (P.replica(model), tok) if it == state["iteration"] else load(ckpt, cfg)  # noqa: E731
-        evals = {s: (os.path.join(run, f"eval-iter{it + 1}-{s}"), n)
-                 for s, n in (("dev", cfg.n_dev), ("test", cfg.n_test))}
-        cached = all(_cached_summary(d, s, n, cfg.seed) is not None for s, (d, n) in evals.items())
-        dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, evals["dev"][0], "dev")
-        test = cached_evaluate(get, cfg, "test", cfg.n_test, evals["test"][0], "test")
+        evaluated = []  # whether an evaluation ran now (cached_evaluate asked for the model)
+
+        def get():  # the policy being trained, or an earlier iteration's checkpoint
+            evaluated.append(True)
+            return (P.replica(model), tok) if it == state["iteration"] else load(ckpt, cfg)
+        dev = cached_evaluate(get, cfg, "dev", cfg.n_dev, os.path.join(run, f"eval-iter{it + 1}-dev"), "dev")
+        test = cached_evaluate(get, cfg, "test", cfg.n_test, os.path.join(run, f"eval-iter{it + 1}-test"), "test")
         table.append((f"{title} iter {it + 1}", test))
         if not saved:
             full = P.replica(model)
             if P.is_main():
                 M.save_model(full, tok, ckpt)
-        if not saved or not cached:  # a re-run evaluation of a saved iteration is logged as such
+        if not saved or evaluated:  # a re-run evaluation of a saved iteration is logged as such
             log(event="iteration" if not saved else "reevaluation", iteration=it + 1, step=state["step"],
                 dev_success=dev["success_rate"], dev_reward=dev["avg_reward"],
                 test_success=test["success_rate"], test_reward=test["avg_reward"], **timed)
