@@ -22,8 +22,10 @@ novice that all five methods start from; each method runs through stepagent.trai
 config its own script would build, so <out>/hotpotqa-seed1/eto is what
 `python train_implicit.py --level trajectory --env hotpotqa --seed 1 --n_test 200 --dim 256
 --n_layers 4 --n_heads 4 --out <out>/hotpotqa-seed1`
-makes. Every number is read back from a summary.json there; runs, evaluations and checkpoints are
-cached, so rerunning a command after an interruption continues and finished cells cost nothing. Cells
+makes. Every number is read back from a summary.json there (or, where that (env, seed) folder is not
+on this machine, from results/records.json: what the last report read, committed; see `kept`); runs,
+evaluations and checkpoints are cached, so rerunning a command after an interruption continues and
+finished cells cost nothing. Cells
 run seed by seed (every env's seed 0, then every env's seed 1, ...), so a partial table spans the envs.
 The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
 whose per-iteration success RESULTS.md shows too). Spread = the sample standard deviation over seeds
@@ -195,16 +197,50 @@ def mean_spread(values: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+# What the report reads from the run folders is also kept in results/records.json beside RESULTS.md
+# (committed), so RESULTS.md can be regenerated where the run folders are not: a fresh clone, another
+# machine. A file on disk is always read, and its record refreshed; a record stands in for its file
+# only where the file's whole (env, seed) folder is absent, and only in a section whose command has
+# the options (--envs, --seeds and --methods aside) of the one that read it: other options make other runs.
+_REC = {"out": ".", "section": "", "old": {}, "new": {}, "found": 0, "before": ""}
+
+
+def records_path(results: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(results)), "results", "records.json")
+
+
+def section_key(key: str, argv: list[str]) -> str:
+    """A report section's records key: the command's kind and its options, --envs / --seeds / --methods
+    (which cells it covers) and --out / --results (where) aside."""
+    how = {k: v for k, v in _options(argv).items() if k not in (*SUBSET, "out", "results")}
+    return f"{key} {json.dumps(how, sort_keys=True)}"
+
+
+def kept(cell: str, path: str, read, tag: str = ""):
+    """read() when path is on disk; else, when its (env, seed) folder `cell` is not here at all, what
+    records.json kept of it for this section; else None (a cell folder here is the truth: a file missing
+    from it is not computed). A value found is kept for the next records.json either way."""
+    key = os.path.relpath(path, _REC["out"]) + tag
+    value = read() if os.path.exists(path) else None if os.path.isdir(cell) else \
+        _REC["old"].get(_REC["section"], {}).get(key)
+    if value is not None:
+        _REC["new"].setdefault(_REC["section"], {})[key] = value
+        _REC["found"] += 1
+    return value
+
+
 def summary(cell: str, name: str, split: str, n: int, seed: int, it: int) -> dict | None:
     """A summary.json of this split, size and seed, or None: the novice's (<cell>/eval/sft-<split>) or
     iteration it's of run `name` (<cell>/<name>/eval-iter<it>-<split>)."""
     folder = os.path.join(cell, "eval", f"sft-{split}") if name == "novice" else \
         os.path.join(cell, name, f"eval-iter{it}-{split}")
     path = os.path.join(folder, "summary.json")
-    if not os.path.exists(path):
-        return None
-    s = json.load(open(path))
-    return s if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed) else None
+
+    def read():
+        s = json.load(open(path))
+        return s if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed) else None
+    s = kept(cell, path, read)
+    return s if s is not None and (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed) else None
 
 
 def values(cfg: TableConfig, env: str, name: str, split: str, metric: str, it: int | None = None,
@@ -232,23 +268,23 @@ def updates(cell: str, name: str, iterations: int) -> int | None:
     """Optimiser steps (StepAgent-Inverse: D steps + policy steps) through iteration `iterations`."""
     if name == "novice":
         path = os.path.join(cell, "sft", "trainer_state.json")
-        return json.load(open(path))["step"] if os.path.exists(path) else None
+        return kept(cell, path, lambda: json.load(open(path))["step"])
     path = os.path.join(cell, name, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    lines = [json.loads(x) for x in open(path)]
-    if not any(x.get("event") == "iteration" and x.get("iteration") == iterations for x in lines):
-        return None  # iteration `iterations` not finished: its count is not the budget yet
-    return sum("event" not in x and "step" in x and x.get("iteration", 0) <= iterations for x in lines)
+
+    def read():
+        lines = [json.loads(x) for x in open(path)]
+        if not any(x.get("event") == "iteration" and x.get("iteration") == iterations for x in lines):
+            return None  # iteration `iterations` not finished: its count is not the budget yet
+        return sum("event" not in x and "step" in x and x.get("iteration", 0) <= iterations for x in lines)
+    return kept(cell, path, read, f"#{iterations}")
 
 
 def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
     """Expert-action match rate per step index at inspection it, from the step records the
     metrics.jsonl `event=inspect` line summarises (<run>/inspect-<it>.jsonl)."""
     path = os.path.join(cell, name, f"inspect-{it}.jsonl")
-    if not os.path.exists(path):
-        return None
-    return S.match_rates([json.loads(x) for x in open(path)])["by_step"]
+    m = kept(cell, path, lambda: S.match_rates([json.loads(x) for x in open(path)])["by_step"])
+    return None if m is None else {int(t): v for t, v in m.items()}  # records.json's keys are strings
 
 
 # ----------------------------------------------------------------------------- the report
@@ -294,6 +330,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
     for key in METHODS:
         out.append(f"- {LABEL[key]}: {script_command(cfg, argv, key)}")
     for env in names(cfg.envs):
+        found, start = _REC["found"], len(out)
         out += ["", f"### {env}", "",
                 "| method | test success | test reward | test_unseen success | test_unseen reward | updates |",
                 "| --- | --- | --- | --- | --- | --- |"]
@@ -335,6 +372,8 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                     "| method | " + " | ".join(f"iter {i}" for i in range(cfg.iterations + 1)) + " |",
                     "| --- |" + " --- |" * (cfg.iterations + 1), *per_it]
         out += match_section(cfg, env)
+        if _REC["found"] == found:  # nothing of this env here: what the previous RESULTS.md showed, if anything
+            out[start:] = previous(out, env) or out[start:]
     return out
 
 
@@ -433,6 +472,8 @@ def sweep_section(cfg: TableConfig, argv: list[str], plot_dir: str, rel: str) ->
         cells = ["n/a" if cfg.what == "k" and x < 2 and row in {LABEL[g] for g in GROUP} else fmt(v, n_seeds)
                  for x, v in zip(xs, per_x)]
         out.append(f"| {env} | {row} | " + " | ".join(cells) + " |")
+    if not any(v for per_x in pts.values() for v in per_x):  # nothing computed: no empty plot over an earlier one
+        return out + ["", "No plot: nothing computed yet."]
     note = plot(os.path.join(plot_dir, f"sweep-{cfg.what}.png"), axis, xs, pts)
     out += ["", note or f"![test success against {title}]({rel}/sweep-{cfg.what}.png)"]
     return out
@@ -507,22 +548,69 @@ def record_command(recorded: dict, key: str, argv: list[str]) -> list[list[str]]
     return kept + [[argv[0], *(x for k, v in opts.items() for x in (f"--{k}", v))]]
 
 
+def load_commands(out: str, results: str) -> dict:
+    """The commands recorded in records.json beside results, with <out>/commands.json's (this
+    machine's runs) recorded on top of them: a fresh clone's first table run keeps the others."""
+    path = records_path(results)
+    recorded = dict(json.load(open(path)).get("commands", {})) if os.path.exists(path) else {}
+    path = os.path.join(out, "commands.json")
+    here = json.load(open(path)) if os.path.exists(path) else {}
+    for key in here:
+        for argv in commands(here, key):
+            recorded[key] = record_command(recorded, key, argv)
+    return recorded
+
+
+KEPT_NOTE = ("Kept as the previous RESULTS.md had it: none of these run folders or their records "
+             "(results/records.json) are here; the command above regenerates it.")
+
+
+def previous(head: list[str], sub: str | None = None) -> list[str] | None:
+    """The previous RESULTS.md's section that starts with head (its heading, a blank, its command), or
+    that section's '### sub' block, with KEPT_NOTE added; None when it has none."""
+    for block in _REC["before"].split("\n## ")[1:]:
+        lines = ("## " + block).rstrip("\n").split("\n")
+        if lines[:3] != head[:3]:
+            continue
+        if sub is None:
+            at = 4
+        elif f"### {sub}" in lines:
+            i = lines.index(f"### {sub}")
+            j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("### ")), len(lines))
+            lines, at = [""] + lines[i:j], 3
+            while lines[-1] == "":
+                lines.pop()
+        else:
+            return None
+        return lines if lines[at] == KEPT_NOTE else lines[:at] + [KEPT_NOTE, ""] + lines[at:]
+    return None
+
+
 def report(out: str, results: str) -> None:
-    """RESULTS.md from the commands recorded in <out>/commands.json and what their folders hold."""
-    recorded = json.load(open(os.path.join(out, "commands.json"))) if os.path.exists(os.path.join(out, "commands.json")) else {}
+    """RESULTS.md from the recorded commands (load_commands) and what their folders hold, or, for a
+    file not here, what results/records.json kept of it; a section with nothing to read keeps the
+    previous RESULTS.md's text (noted), so the numbers of runs made elsewhere are never dropped."""
+    store = records_path(results)
+    recorded = load_commands(out, results)
     defaults = TableConfig()
     recorded.setdefault("table", [["table", *(["--out", out] if out != defaults.out else []),
                                    *(["--results", results] if results != defaults.results else [])]])
-    plot_dir = os.path.join(os.path.dirname(os.path.abspath(results)), "results")
+    _REC.update(out=out, old=json.load(open(store)).get("cells", {}) if os.path.exists(store) else {}, new={})
+    _REC["before"] = open(results).read() if os.path.exists(results) else ""
+    plot_dir = os.path.dirname(store)
     text = ["# Results", "", "Generated by `results.py` (do not edit by hand): the numbers here are whatever the "
-            "commands below last produced, read back from the run folders' summary.json files. "
+            "commands below last produced, read back from the run folders' summary.json files, or from "
+            "results/records.json where the run folders are not on this machine. "
             "How the methods and budgets are set up: the docstring of results.py.", ""]
     tables = ["table"] + sorted(k for k in recorded if k.startswith("table-"))  # table-<preset>: a non-tiny preset
     for what in (*tables, "sweep-iterations", "sweep-k", "sweep-size"):
         for argv in commands(recorded, what):
             with contextlib.redirect_stdout(io.StringIO()):  # parse_config prints the config
                 cfg = S.parse_config(TableConfig, argv[1:])
-            text += (table_section(cfg, argv) if what.startswith("table") else sweep_section(cfg, argv, plot_dir, "results")) + [""]
+            _REC.update(section=section_key(what, argv), found=0)
+            lines = table_section(cfg, argv) if what.startswith("table") else sweep_section(cfg, argv, plot_dir, "results")
+            text += ((not _REC["found"] and previous(lines)) or lines) + [""]
+    envs.write_json(store, {"commands": recorded, "cells": _REC["new"]})
     envs.atomic_write(results, "\n".join(text))
     print(f"wrote {results}")
 
@@ -551,9 +639,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] == "report":
         return report(cfg.out, cfg.results)
     key = "-".join(filter(None, ["table", preset_tag(cfg)])) if argv[0] == "table" else f"sweep-{cfg.what}"
-    path = os.path.join(cfg.out, "commands.json")
-    recorded = json.load(open(path)) if os.path.exists(path) else {}
-    envs.write_json(path, {**recorded, key: record_command(recorded, key, argv)})
+    recorded = load_commands(cfg.out, cfg.results)
+    envs.write_json(os.path.join(cfg.out, "commands.json"), {**recorded, key: record_command(recorded, key, argv)})
     for seed in ints(cfg.seeds):  # seed-major: every env's seed 0 before any seed 1, so a partial table spans the envs
         for env in names(cfg.envs):
             if argv[0] == "table":

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,26 @@ def test_table_end_to_end(tmp_path):
     assert "All cells computed." in md and _fingerprint(out) == before
     _check_table(out, md)
 
+    # the run folders gone (a fresh clone): results/records.json beside RESULTS.md gives the same report
+    records = tmp_path / "results" / "records.json"
+    shutil.move(out, out + "-elsewhere")
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    assert open(res).read() == md
+    # ... but only to a command with the options that made them: other options are other runs
+    saved = json.loads(records.read_text())
+    other = json.loads(records.read_text())
+    other["commands"]["table"][0] += ["--beta", "0.5"]
+    records.write_text(json.dumps(other))
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    changed = open(res).read()
+    assert "Not computed yet: every cell" in changed and set(_rows(changed)["ETO"]) == {"—"}
+    # no records and no run folders: the previous RESULTS.md's section is kept, and says so
+    open(res, "w").write(md)
+    records.write_text(json.dumps({"commands": saved["commands"], "cells": {}}))
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    kept = open(res).read()
+    assert R.KEPT_NOTE in kept and kept.replace(R.KEPT_NOTE + "\n\n", "") == md
+
 
 def test_sweep_k_micro(tmp_path, monkeypatch):
     """K = 1 and 2 for both StepAgent methods: the inverse one skips K = 1; without matplotlib a note."""
@@ -246,3 +267,20 @@ def test_commands_are_recorded_per_option_set(tmp_path):
         section = md.split(f"## Methods with the smollm2 preset: {env}\n")[1].split("\n## ")[0]
         assert f"{n} test and {n} test_unseen tasks" in section and f"### {env}" in section
         assert "Not computed yet: every cell" in section
+
+
+def test_previous_keeps_a_section_or_one_env_block_with_a_note(monkeypatch):
+    """What `report` keeps where it reads nothing: the earlier RESULTS.md's section with the same heading
+    and command (a sweep), or that section's block for one env (a table whose other envs are here)."""
+    head = ["## Methods on the built-in environments", "", "Command: `python results.py table`"]
+    old = ["# Results", "", *head, "", "Seeds 0.", "", "### webshop", "", "| a |", "", "### hotpotqa", "", "| b |", "",
+           "## Sweep: test success against iterations", "", "Command: `python results.py sweep`", "", "| c |", ""]
+    monkeypatch.setitem(R._REC, "before", "\n".join(old))
+    assert R.previous(head, "webshop") == ["", "### webshop", "", R.KEPT_NOTE, "", "| a |"]
+    assert R.previous(head, "hotpotqa") == ["", "### hotpotqa", "", R.KEPT_NOTE, "", "| b |"]
+    assert R.previous(head, "household") is None
+    assert R.previous([*head[:2], "Command: `python results.py table --seeds 0`"]) is None  # another command
+    section = R.previous(head)
+    assert section == [*head, "", R.KEPT_NOTE, "", *old[6:15]]
+    monkeypatch.setitem(R._REC, "before", "\n".join(["# Results", "", *section]))
+    assert R.previous(head) == section  # kept again: still one note
