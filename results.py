@@ -630,7 +630,8 @@ def main(argv: list[str] | None = None) -> None:
     for bad in ("--env", "--seed"):
         if bad in argv:
             sys.exit(f"error: {bad} is per cell here; use {bad}s with a comma-separated list")
-    cfg = S.parse_config(TableConfig, argv[1:])
+    with contextlib.redirect_stdout(io.StringIO()) if argv[0] == "report" else contextlib.nullcontext():
+        cfg = S.parse_config(TableConfig, argv[1:])  # prints the config: not for a report, which trains nothing
     table_methods = list(METHODS) if cfg.methods == "all" else names(cfg.methods)
     unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]
     if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS:
