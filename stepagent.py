@@ -104,6 +104,7 @@ class Config:
     save_every: int = 20  # optimiser steps between mid-reflection checkpoints (0: end of reflection only)
     traj_batch: int = 8  # expert trajectories (with all their pairs / practices) or rollouts per update
     log_every: int = 10  # SFT: optimiser steps between per-step metric lines
+    grad_ckpt: bool = False  # training: recompute each block in backward instead of storing its activations (long contexts)
     fsdp: bool = False  # torchrun: shard the policy's weights, gradients and optimiser state over the ranks (FSDP2)
 
 
@@ -366,7 +367,9 @@ def _make_tiny_base(cfg: Config, records: list[dict], path: str) -> None:
 
 
 def load(path: str, cfg: Config):
-    return M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype)
+    model, tok = M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype)
+    model.grad_ckpt = cfg.grad_ckpt
+    return model, tok
 
 
 # ----------------------------------------------------------------------------- SFT (the novice)
@@ -799,7 +802,8 @@ class Method:
 
 
 # changing these between a run and its resumption is harmless; anything else is a different run
-RESUMABLE = {"n_test", "n_dev", "device", "eval_batch", "iterations", "split", "model", "save_every", "log_every"}
+RESUMABLE = {"n_test", "n_dev", "device", "eval_batch", "iterations", "split", "model", "save_every", "log_every",
+             "grad_ckpt"}
 
 
 def _check_run_config(run: str, cfg) -> None:

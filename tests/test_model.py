@@ -261,6 +261,39 @@ def test_explicit_mask_and_positions_equal_separate_rows(tiny):
         assert torch.allclose(packed[:, 7:], model(b), atol=1e-5)
 
 
+def test_grad_ckpt_same_logprobs_and_gradients_with_less_stored(tiny):
+    """--grad_ckpt: a packed row's log-probs and every gradient are those without it (fp32 and
+    under bf16 autocast), while the tensors autograd stores in forward shrink (the blocks'
+    activations are recomputed in backward instead)."""
+    import stepagent as S
+
+    model, _ = tiny
+    model = copy.deepcopy(model).requires_grad_(True)
+    traj, spans = list(range(3, 123)), [(20, 30), (60, 72), (100, 110)]
+    row = S.pack_row(traj, spans, [(t, [5, 6, 7, 8]) for t in range(3) for _ in range(3)])
+
+    def run(ckpt: bool, amp: str):
+        model.grad_ckpt, stored = ckpt, [0]
+        model.zero_grad()
+
+        def keep(t):
+            stored[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), S.autocast(model.device, amp):
+            (e, c), = S.score_packed(model, [row])
+        loss = e.sum() - 2 * c.sum()
+        loss.backward()
+        return torch.cat([e, c]).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, stored[0]
+
+    for amp in ("none", "bf16"):
+        lp, grads, stored = run(False, amp)
+        lp2, grads2, stored2 = run(True, amp)
+        assert torch.equal(lp, lp2)
+        for n in grads:
+            assert torch.allclose(grads[n], grads2[n], rtol=1e-5, atol=1e-7), n
+        assert stored2 < stored / 2, (stored2, stored)
+
+
 def test_chat_mask_marks_assistant_turns_only(tiny):
     _, tok = tiny
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "find red shoes"},
