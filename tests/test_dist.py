@@ -6,7 +6,11 @@ The micro config has 7 trajectories in batches of 3 (batch_size for SFT, traj_ba
 reflection updates): the last batch of each pass has 1 item, so rank 1 runs its stand-in at weight 0.
 Measured on CPU (gloo, --amp none): per-step losses agree to <= 3e-7 relative and gradient norms to
 <= 3e-7 (SFT, DPO, ETO, D) and 7e-6 (PPO); metrics that are differences of summed log-probs (DPO's
-implicit rewards, PPO's KL and rewards) to <= 5e-5. The test allows 1e-4 relative (1e-8 absolute)."""
+implicit rewards, PPO's KL and rewards) to <= 5e-5. The test allows 1e-4 relative (1e-8 absolute),
+and for DPO's implicit rewards also 1e-5 absolute: each is beta times a difference of two log-prob sums
+over a whole trajectory, so float32 rounding of the sums (~1e-7 of hundreds) is ~1e-6 of the difference
+however small the difference is; on an AVX2-only CPU (the figures above are from an AVX-512 one) ETO's rewards/rejected differed by 4.1e-6 absolute, 1.3e-4 relative, its loss
+by 3e-6 relative."""
 import json
 import math
 import os
@@ -21,6 +25,7 @@ from test_implicit import MICRO, _metrics, _run
 
 ARGS = [*MICRO, "--n_train", "7", "--traj_batch", "3", "--amp", "none", "--log_every", "1"]
 STEPWISE = {"rewards/accuracy", "disc/acc_expert", "disc/acc_agent", "policy/clip_frac"}  # jump at float noise
+SUM_DIFFERENCES = {"rewards/chosen", "rewards/rejected", "rewards/margins"}  # beta * (summed log-probs - ref's)
 
 
 def _torchrun(script: str, args: list[str], n: int = 2, timeout: int = 300) -> str:
@@ -43,7 +48,8 @@ def _assert_same_steps(one: list[dict], two: list[dict]) -> None:
     for x, y in zip(one, two):
         assert x.keys() == y.keys()
         for k in x.keys() - STEPWISE:
-            assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-8), (x["step"], k, x[k], y[k])
+            abs_tol = 1e-5 if k in SUM_DIFFERENCES else 1e-8
+            assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=abs_tol), (x["step"], k, x[k], y[k])
 
 
 @pytest.fixture(scope="module")
