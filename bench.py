@@ -6,6 +6,7 @@
     python bench.py score      # packed scoring vs one forward per (state, action)
     python bench.py dpo        # one packed step-DPO optimiser step vs the per-pair formulation
     python bench.py rollout    # multi-turn rollouts with keys/values kept across turns vs re-prefilled
+    python bench.py amp        # a training step under bf16 autocast vs fp32 on this CPU (what --amp auto picks)
     python bench.py all        # everything above (the README's table)
     python bench.py train --shape 1b --batch 4 --seq 2048   # GPU: SFT / step-DPO tokens/s, MFU (not in all)
 
@@ -354,6 +355,41 @@ def bench_dpo(a) -> None:
         f"{losses['packed']:.6f}", f"{losses['naive']:.6f}")
 
 
+def bench_amp(a) -> None:
+    """An SFT optimiser step (forward, sft_loss, backward, AdamW) of the results tables' tiny shape
+    (dim 256, 4 layers: 4.24M) on 8 rows of 512 tokens, under bf16 autocast and in fp32, on this CPU;
+    what --amp auto picks here (stepagent.resolve_amp) is the faster one only where bf16 is native."""
+    import stepagent as S
+
+    dev = torch.device("cpu")
+    cfg = S.Config(dim=256, n_layers=4, n_heads=4)
+    native = [f for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if getattr(torch.cpu, f, lambda: False)()]
+    print(f"\n## training precision on this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}; native "
+          f"bf16: {', '.join(f[4:-10] for f in native) or 'none'}; --amp auto picks {S.resolve_amp('auto', dev)})\n")
+    row("step", "model", "bf16 autocast (s)", "fp32 (s)", "bf16 / fp32 time")
+    row(*["---"] * 5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 2048, (8, 512), generator=g)
+    tm = torch.ones_like(x, dtype=torch.bool)
+    tm[:, 0] = False  # every token but the first a target
+    model = M.Transformer.from_args(S.tiny_args(cfg, 2048)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(amp):
+        def fn():
+            model.load_state_dict(state)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            with S.autocast(dev, amp):
+                loss = S.sft_loss(model, x, tm)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return fn
+
+    t_bf16, t_fp32 = timeit(step("bf16"), a.repeat), timeit(step("none"), a.repeat)
+    row("SFT, 8 x 512 tokens", "tiny, dim 256 x 4 layers (4.24M)", f"{t_bf16:.2f}", f"{t_fp32:.2f}", f"{t_bf16 / t_fp32:.1f}x")
+
+
 # ----------------------------------------------------------------------------- training throughput and MFU
 
 # random-init Llama shapes: throughput does not depend on the weights, so no checkpoint is needed
@@ -465,7 +501,7 @@ def bench_train(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "rollout", "train", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "rollout", "amp", "train", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -483,7 +519,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
-                     ("dpo", bench_dpo), ("rollout", bench_rollout), ("train", bench_train)):
+                     ("dpo", bench_dpo), ("rollout", bench_rollout), ("amp", bench_amp), ("train", bench_train)):
         if a.what == name or (a.what == "all" and name != "train"):  # train: a GPU bench
             fn(a)
 

@@ -89,7 +89,7 @@ class Config:
     grad_clip: float = 1.0
     whole_ids: bool = True  # tiny preset: each opaque ID in the train text (a webshop product ID) is one token
     rename_ids: bool = False  # SFT: rename the env's opaque IDs (webshop product IDs) afresh per trajectory and epoch
-    amp: str = "bf16"  # training forward/backward under bf16 autocast (CPU too: ~1.5x on AVX512-BF16) | none
+    amp: str = "auto"  # training forward/backward: bf16 autocast | none (fp32) | auto: bf16 where the device has it natively
     # acting
     max_new_tokens: int = 64  # per turn
     eval_batch: int = 64  # tasks played in lockstep
@@ -130,6 +130,10 @@ def parse_config(cls, argv: list[str]):
             sys.exit(f"error: --{key} expects a {type(default).__name__}, got {raw!r}")
         setattr(cfg, key, val)
         i += 2
+    if getattr(cfg, "amp", None) is not None:  # the precision this run trains in, recorded in its config.json
+        if cfg.amp not in ("auto", "bf16", "none"):
+            sys.exit(f"error: --amp expects auto, bf16 or none, got {cfg.amp!r}")
+        cfg.amp = resolve_amp(cfg.amp, P.get_device(cfg.device))
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only (parsing comes before dist_setup)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
     return cfg
@@ -449,10 +453,26 @@ def lr_at(step: int, total: int, warmup: float, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto -> bf16 where the device computes bf16 natively (a CUDA GPU that has it; a CPU with
+    AVX512-BF16 or AMX), else none. A CPU without them emulates bf16: on an AVX2-only CPU an SFT
+    step of the tables' tiny model took 20x as long under bf16 autocast as in fp32 (`python bench.py
+    amp`), where the AVX512-BF16 CPU of the README's speed table trained SmolLM2 2.9x faster in bf16."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return "bf16" if any(f() for f in native) else "none"
+    return "none"
+
+
 def autocast(device: torch.device, amp: str):
-    """bf16 autocast for training passes (weights and optimizer stay fp32), or nothing."""
+    """bf16 autocast for training passes (weights and optimizer stay fp32), or nothing; auto as resolve_amp."""
+    amp = resolve_amp(amp, device)
     if amp not in ("bf16", "none"):
-        raise ValueError(f"--amp {amp!r}: choose bf16 or none")
+        raise ValueError(f"--amp {amp!r}: choose auto, bf16 or none")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 

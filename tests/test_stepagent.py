@@ -237,3 +237,21 @@ def test_sft_saves_its_epoch_before_the_dev_evaluation(tmp_path, monkeypatch):
     wa, wb = (load_file(os.path.join(d, "sft", "model.safetensors")) for d in (cfg.out, b.out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.load(open(os.path.join(b.out, "sft", "trainer_state.json")))["dev"]["n"] == 2
+
+
+def test_amp_auto_picks_bf16_only_where_the_cpu_has_it_and_the_config_records_the_choice(monkeypatch, capsys):
+    """--amp auto: bf16 autocast on a CPU with AVX512-BF16 or AMX, fp32 on one without (emulated bf16
+    took 20x as long as fp32 on an AVX2 CPU: bench.py amp); the parsed config holds the choice, so a
+    run's config.json says which precision it trained in, and a run resumed on a machine that would
+    choose otherwise is refused by the config check instead of changing precision halfway."""
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, want in [(False, False, "none"), (True, False, "bf16"), (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert S.resolve_amp("auto", cpu) == want
+        assert S.parse_config(S.Config, ["--device", "cpu"]).amp == want
+        assert S.parse_config(S.Config, ["--device", "cpu", "--amp", "none"]).amp == "none"  # given: kept
+        with S.autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == (want == "bf16")
+    with pytest.raises(SystemExit, match="--amp expects auto, bf16 or none, got 'fp8'"):
+        S.parse_config(S.Config, ["--amp", "fp8"])
