@@ -11,9 +11,11 @@ Options: --envs, --seeds, --out (default runs/table), --results (default RESULTS
 --ks, --dims, --sweep_methods, the table's --methods (a subset to run now, e.g. the cheap ones first:
 every method on disk is reported either way; RESULTS.md shows the command that fills every cell, the
 pieces run with the same options joined: `record_command`), and every field of stepagent.Config, ImplicitConfig and IRLConfig as
-`--field value` (defaults as in train_implicit.py / train_irl.py, except --n_test 200 and the tiny
+`--field value` (defaults as in train_implicit.py / train_irl.py, except --n_test 200, the tiny
 model's shape, --dim 256 --n_layers 4 --n_heads 4: 4.24M parameters, where the scripts' default is
-2.06M, sized for the main job's time budget).
+2.06M, sized for the main job's time budget, and --amp none: fp32 training on every machine, where
+the scripts' auto trains in bf16 autocast only where the device has bf16 natively; every cell made
+before f3000c9 trained in bf16 autocast, the scripts' default then).
 
 Rows: the novice (SFT); SFT-continued (below); ETO (`train_implicit.py --level trajectory`);
 outcome-reward PPO (`train_irl.py --reward outcome`); StepAgent-Implicit (`train_implicit.py`);
@@ -83,6 +85,9 @@ class TableConfig(TI.ImplicitConfig, TR.IRLConfig):
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    # fp32 training in every cell, not the scripts' --amp auto: auto picks bf16 autocast only on devices
+    # that have it natively, and a table's cells are made on whatever machines its sessions get
+    amp: str = "none"
     what: str = "iterations"  # sweep: iterations | k | size
     ks: str = "1,2,4,8"  # sweep k: practice numbers
     dims: str = "128,256,384"  # sweep size: tiny-preset widths (n_layers and n_heads as given)
@@ -279,6 +284,27 @@ def updates(cell: str, name: str, iterations: int) -> int | None:
     return kept(cell, path, read, f"#{iterations}")
 
 
+def precision(cell: str) -> str | None:
+    """The precision the cell's novice trained in (`amp` in sft/trainer_state.json); None where not
+    recorded (novices trained before f3000c9, all in bf16 autocast, the default then)."""
+    path = os.path.join(cell, "sft", "trainer_state.json")
+    return kept(cell, path, lambda: json.load(open(path)).get("amp"), "#amp")
+
+
+def precision_line(cfg: TableConfig, env: str, dim: int | None = None) -> list[str]:
+    """'Training precision: ...' over the seeds whose novice recorded it, or nothing."""
+    by = {}
+    for seed in ints(cfg.seeds):
+        if (p := precision(cell_dir(cfg, env, seed, dim))) is not None:
+            by.setdefault(p, []).append(seed)
+    if not by:
+        return []
+    name = {"bf16": "bf16 autocast (fp32 weights)", "none": "fp32"}
+    return ["", "Training precision of the novices (`amp` in sft/trainer_state.json; the methods train in what the "
+            "command's --amp picks on the same machine): " + "; ".join(f"{name.get(p, p)} on seed{'s' * (len(v) > 1)} {', '.join(map(str, v))}"
+                                             for p, v in by.items()) + "."]
+
+
 def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
     """Expert-action match rate per step index at inspection it, from the step records the
     metrics.jsonl `event=inspect` line summarises (<run>/inspect-<it>.jsonl)."""
@@ -294,7 +320,7 @@ TABLE_ONLY = {f.name for f in dataclasses.fields(TableConfig)} - {f.name for f i
     - {f.name for c in (TI.ImplicitConfig, TR.IRLConfig) for f in dataclasses.fields(c)} | {"out"}
 
 
-# TableConfig's defaults that differ from the scripts' (n_test, and the tiny model's shape)
+# TableConfig's defaults that differ from the scripts' (n_test, amp, and the tiny model's shape)
 TABLE_DEFAULTS = tuple(f.name for f in dataclasses.fields(TableConfig)
                        if f.name not in TABLE_ONLY and f.default != getattr(S.Config, f.name, f.default))
 
@@ -307,7 +333,7 @@ def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
     opts = [(argv[i].lstrip("-"), argv[i + 1]) for i in range(1, len(argv) - 1, 2)]
     opts = [(k, v) for k, v in opts if k in fields and k not in TABLE_ONLY and k not in (*TABLE_DEFAULTS, *METHODS[key][2])]
     # the table's own defaults (the model shape only matters to the tiny preset)
-    opts += [(k, str(getattr(cfg, k))) for k in TABLE_DEFAULTS if k == "n_test" or not preset_tag(cfg)]
+    opts += [(k, str(getattr(cfg, k))) for k in TABLE_DEFAULTS if k in ("n_test", "amp") or not preset_tag(cfg)]
     flags = " ".join(f"--{k} {shlex.quote(v)}" for k, v in opts)
     out = os.path.join(cfg.out, preset_tag(cfg), "<env>-seed<seed>")
     return f"`python {script} {flags} --env <env> --seed <seed> --out {out}`".replace("  ", " ")
@@ -352,6 +378,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         everything = len(missing) == len(have) * len(ROWS) and all(f"seed {', '.join(map(str, seeds))})" in m for m in missing)
         out += ["", "Not computed yet: every cell (run the command above)." if everything else
                 f"Not computed yet: {'; '.join(missing)}." if missing else "All cells computed."]
+        out += precision_line(cfg, env)
         lines = verdicts(cells, n_seeds, have)
         out += [""] + lines if lines else []
         if n_seeds > 1 and any(cells[key, "test"] for key in ROWS):  # what the paired verdicts are made of

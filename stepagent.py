@@ -500,6 +500,9 @@ def train_sft(cfg: Config) -> str:
     n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
     n_epochs = n_pre + cfg.sft_epochs
     pending = state.get("dev", {}) is None  # saved, then stopped in its dev evaluation
+    if state["epoch"] and state["epoch"] < n_epochs and state.get("amp", cfg.amp) != cfg.amp:
+        sys.exit(f"error: {ckpt} trained its epochs with --amp {state['amp']}, not {cfg.amp}; rerun with "
+                 f"--amp {state['amp']} to resume it in the same precision, or choose another --out")
     if state["epoch"] >= n_epochs and not pending:
         print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
         return ckpt
@@ -567,7 +570,8 @@ def train_sft(cfg: Config) -> str:
                 if step % cfg.log_every == 0:
                     log.write(step=step, loss=loss_all, lr=lr, grad_norm=gn.item())
         speed = P.all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
-        st = {"epoch": epoch + 1, "step": step, "loss": loss_all, "tokens_per_s": speed, "dev": {} if pre else None}
+        st = {"epoch": epoch + 1, "step": step, "loss": loss_all, "tokens_per_s": speed, "dev": {} if pre else None,
+              "amp": cfg.amp}  # the precision it trained in (resolve_amp): a resume must keep it
         full, opt_state = P.replica(model), P.optim_state(model, opt)
         if P.is_main():
             M.save_model(full, tok, ckpt, extra={"trainer_state.json": st, "optimizer.pt": opt_state})

@@ -74,6 +74,13 @@ def test_sft_resumes_from_last_epoch_checkpoint(tmp_path):
     out = str(tmp_path / "r")
     run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1")
     first = json.load(open(os.path.join(out, "sft", "trainer_state.json")))
+    # the precision it trained in is kept: resuming it in the other one is refused, in one line
+    other = {"bf16": "none", "none": "bf16"}[first["amp"]]
+    i = MICRO.index("--sft_epochs")
+    r = subprocess.run([sys.executable, "stepagent.py", "sft", *MICRO[:i], "--sft_epochs", "2", *MICRO[i + 2:],
+                        "--out", out, "--n_test", "1", "--amp", other], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and f"trained its epochs with --amp {first['amp']}, not {other}" in r.stderr
+    assert "Traceback" not in r.stderr
     stdout = run("stepagent.py", "sft", *MICRO[:MICRO.index("--sft_epochs")], "--sft_epochs", "2",
                  *MICRO[MICRO.index("--sft_epochs") + 2:], "--out", out, "--n_test", "1")
     assert "resuming SFT from" in stdout and f"after epoch {first['epoch']}" in stdout

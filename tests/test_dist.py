@@ -1,16 +1,15 @@
-"""torchrun: 2 processes take the steps 1 process takes (SFT, and the reflection updates of every
-method on the same cached collect data; with --fsdp too), gather every rank's tasks, and only rank 0
-writes.
+"""torchrun: 2 processes take the steps 1 process takes (SFT, and the reflection updates of every method on
+the same cached collect data; with --fsdp too), gather every rank's tasks, and only rank 0 writes.
 
-The micro config has 7 trajectories in batches of 3 (batch_size for SFT, traj_batch for the
-reflection updates): the last batch of each pass has 1 item, so rank 1 runs its stand-in at weight 0.
-Measured on CPU (gloo, --amp none): per-step losses agree to <= 3e-7 relative and gradient norms to
-<= 3e-7 (SFT, DPO, ETO, D) and 7e-6 (PPO); metrics that are differences of summed log-probs (DPO's
-implicit rewards, PPO's KL and rewards) to <= 5e-5. The test allows 1e-4 relative (1e-8 absolute),
-and for DPO's implicit rewards also 1e-5 absolute: each is beta times a difference of two log-prob sums
-over a whole trajectory, so float32 rounding of the sums (~1e-7 of hundreds) is ~1e-6 of the difference
-however small the difference is; on an AVX2-only CPU (the figures above are from an AVX-512 one) ETO's rewards/rejected differed by 4.1e-6 absolute, 1.3e-4 relative, its loss
-by 3e-6 relative."""
+The micro config has 7 trajectories in batches of 3 (batch_size for SFT, traj_batch for the reflection
+updates): the last batch of each pass has 1 item, so rank 1 runs its stand-in at weight 0. Measured on
+CPU (gloo, --amp none): per-step losses agree to <= 3e-7 relative and gradient norms to <= 3e-7 (SFT,
+DPO, ETO, D) and 7e-6 (PPO); metrics that are differences of summed log-probs (DPO's implicit rewards,
+PPO's KL and rewards) to <= 5e-5. The test allows 1e-4 relative (1e-8 absolute), and for DPO's implicit
+rewards also 1e-5 absolute: each is beta times a difference of two log-prob sums over a whole
+trajectory, so float32 rounding of the sums (~1e-7 of hundreds) is ~1e-6 of the difference however small
+the difference is; on an AVX2-only CPU (the figures above are from an AVX-512 one) ETO's
+rewards/rejected differed by 4.1e-6 absolute, 1.3e-4 relative, its loss by 3e-6 relative."""
 import json
 import math
 import os

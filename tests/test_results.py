@@ -96,6 +96,9 @@ def test_table_end_to_end(tmp_path):
     _run(cmd, script="results.py")
     md = open(res).read()
     assert f"Command: `python results.py {shlex.join(cmd)}`" in md
+    # each method's equivalent script command carries the table's fp32 (the scripts' default is auto)
+    eto = next(x for x in md.splitlines() if x.startswith("- ETO: "))
+    assert eto.startswith("- ETO: `python train_implicit.py --level trajectory ") and " --amp none " in eto
     rows = _check_table(out, md)
     assert "All cells computed." in md and "Not computed yet" not in md
     # equal budget: SFT-continued takes ceil(6 experts / traj_batch 3) = 2 updates per iteration, 2 iterations
@@ -121,8 +124,12 @@ def test_table_end_to_end(tmp_path):
     for seed in (0, 1):
         os.remove(_summary_path(out, seed, "ppo-outcome", "test_unseen"))
     os.remove(_summary_path(out, 1, "inverse", "test_unseen"))
+    for seed, amp in enumerate(["none", "bf16"]):  # novices trained on machines that --amp auto sent different ways
+        _edit(os.path.join(out, f"hotpotqa-seed{seed}", "sft", "trainer_state.json"), amp=amp)
     _run(["report", "--out", out, "--results", res], script="results.py")
     md = open(res).read()
+    assert ("Training precision of the novices (`amp` in sft/trainer_state.json; the methods train in what the "
+            "command's --amp picks on the same machine): fp32 on seed 0; bf16 autocast (fp32 weights) on seed 1.") in md
     rows = _check_table(out, md)
     assert rows["ETO"][:2] == [f"0.250 ± {math.sqrt(0.125):.3f}", f"0.500 ± {math.sqrt(0.125):.3f}"]
     assert rows["outcome-PPO"][2:4] == ["—", "—"] and rows["StepAgent-Inverse"][2].endswith("(1/2 seeds)")
