@@ -401,6 +401,8 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         out += match_section(cfg, env)
         if _REC["found"] == found:  # nothing of this env here: what the previous RESULTS.md showed, if anything
             out[start:] = previous(out, env) or out[start:]
+        elif missing:  # made in part: the previous kept text of this env stays beneath
+            out += kept_part(out, env)
     return out
 
 
@@ -592,9 +594,13 @@ KEPT_NOTE = ("Kept as the previous RESULTS.md had it: none of these run folders 
              "(results/records.json) are here; the command above regenerates it.")
 
 
-def previous(head: list[str], sub: str | None = None) -> list[str] | None:
+KEPT_PART = ("#### Kept from the previous RESULTS.md until every cell above is made (not on this machine: "
+             "other runs, maybe another precision)")
+
+
+def previous(head: list[str], sub: str | None = None, raw: bool = False) -> list[str] | None:
     """The previous RESULTS.md's section that starts with head (its heading, a blank, its command), or
-    that section's '### sub' block, with KEPT_NOTE added; None when it has none."""
+    that section's '### sub' block, with KEPT_NOTE added (not with raw); None when it has none."""
     for block in _REC["before"].split("\n## ")[1:]:
         lines = ("## " + block).rstrip("\n").split("\n")
         if lines[:3] != head[:3]:
@@ -609,8 +615,21 @@ def previous(head: list[str], sub: str | None = None) -> list[str] | None:
                 lines.pop()
         else:
             return None
-        return lines if lines[at] == KEPT_NOTE else lines[:at] + [KEPT_NOTE, ""] + lines[at:]
+        return lines if raw or lines[at] == KEPT_NOTE else lines[:at] + [KEPT_NOTE, ""] + lines[at:]
     return None
+
+
+def kept_part(head: list[str], env: str) -> list[str]:
+    """The kept text of env's block in the previous RESULTS.md (a block that was all kept text, or the
+    KEPT_PART under one that was partly made), to stay beneath a block whose cells are made here only
+    in part: cells of other seeds made elsewhere before records.json are never dropped unseen."""
+    lines = previous(head, env, raw=True)
+    if lines is None:
+        return []
+    body = lines[lines.index(KEPT_PART) + 1:] if KEPT_PART in lines else lines[4:] if lines[3] == KEPT_NOTE else []
+    while body and body[0] == "":
+        body = body[1:]
+    return ["", KEPT_PART, "", *body] if body else []
 
 
 def report(out: str, results: str) -> None:

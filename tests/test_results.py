@@ -291,3 +291,35 @@ def test_previous_keeps_a_section_or_one_env_block_with_a_note(monkeypatch):
     assert section == [*head, "", R.KEPT_NOTE, "", *old[6:15]]
     monkeypatch.setitem(R._REC, "before", "\n".join(["# Results", "", *section]))
     assert R.previous(head) == section  # kept again: still one note
+
+
+def test_a_block_made_in_part_keeps_the_previous_kept_text_beneath(monkeypatch):
+    """An env block whose cells are made here for some seeds only keeps the previous RESULTS.md's kept
+    text of that env beneath it (cells made elsewhere before records.json existed), the same on every
+    later report, until every cell is made; a block that was made, not kept, brings nothing along."""
+    head = ["## Methods on the built-in environments", "", "Command: `python results.py table`"]
+    old = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### webshop", "", R.KEPT_NOTE, "", "| a |", "",
+           "### hotpotqa", "", "| b |", ""]
+    monkeypatch.setitem(R._REC, "before", "\n".join(old))
+    assert R.kept_part(head, "webshop") == ["", R.KEPT_PART, "", "| a |"]
+    assert R.kept_part(head, "hotpotqa") == [] and R.kept_part(head, "household") == []
+    block = ["", "### webshop", "", "| made here, seed 0 |", "", "Not computed yet: ... (seed 1)."]
+    again = ["# Results", "", *head, "", "Seeds 0, 1.", *block, *R.kept_part(head, "webshop"), "", "### hotpotqa", "",
+             "| b |", ""]
+    monkeypatch.setitem(R._REC, "before", "\n".join(again))
+    assert R.kept_part(head, "webshop") == ["", R.KEPT_PART, "", "| a |"]  # the next report: the same, not nested
+
+    # in table_section: seed 0's cells read here (values stubbed: each read counts as found), seed 1's not
+    def values(cfg, env, name, split, metric, it=None, dim=None):
+        R._REC["found"] += 1
+        return {} if split == "dev" else {0: 0.5}
+    monkeypatch.setattr(R, "values", values)
+    monkeypatch.setattr(R, "updates", lambda cell, name, iterations: None)
+    monkeypatch.setattr(R, "match_section", lambda cfg, env: [])
+    monkeypatch.setattr(R, "precision_line", lambda cfg, env, dim=None: [])
+    kept_hotpotqa = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### hotpotqa", "", R.KEPT_NOTE, "", "| old |", ""]
+    monkeypatch.setitem(R._REC, "before", "\n".join(kept_hotpotqa))
+    lines = R.table_section(R.TableConfig(envs="hotpotqa", seeds="0,1"), ["table"])  # seed 1 missing
+    assert "| novice (SFT) | 0.500 (1/2 seeds) |" in "\n".join(lines) and lines[-4:] == ["", R.KEPT_PART, "", "| old |"]
+    lines = R.table_section(R.TableConfig(envs="hotpotqa", seeds="0"), ["table"])  # every cell made: it goes
+    assert "All cells computed." in lines and R.KEPT_PART not in lines
