@@ -300,9 +300,9 @@ def precision_line(cfg: TableConfig, env: str, dim: int | None = None) -> list[s
     if not by:
         return []
     name = {"bf16": "bf16 autocast (fp32 weights)", "none": "fp32"}
+    per = [f"{name.get(p, p)} on seed{'s' * (len(v) > 1)} {', '.join(map(str, v))}" for p, v in by.items()]
     return ["", "Training precision of the novices (`amp` in sft/trainer_state.json; the methods train in what the "
-            "command's --amp picks on the same machine): " + "; ".join(f"{name.get(p, p)} on seed{'s' * (len(v) > 1)} {', '.join(map(str, v))}"
-                                             for p, v in by.items()) + "."]
+            "command's --amp picks on the same machine): " + "; ".join(per) + "."]
 
 
 def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
