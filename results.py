@@ -503,6 +503,11 @@ def sweep_section(cfg: TableConfig, argv: list[str], plot_dir: str, rel: str) ->
         out.append(f"| {env} | {row} | " + " | ".join(cells) + " |")
     if not any(v for per_x in pts.values() for v in per_x):  # nothing computed: no empty plot over an earlier one
         return out + ["", "No plot: nothing computed yet."]
+    group = {LABEL[g] for g in GROUP}
+    part = any(not v for (env, row), per_x in pts.items() for x, v in zip(xs, per_x)
+               if not (cfg.what == "k" and x < 2 and row in group))
+    if part and (old := kept_part(out)):  # made in part: the earlier text and its plot stay, beneath
+        return out + ["", "No new plot until every point is made (the plot below is the kept text's)."] + old
     note = plot(os.path.join(plot_dir, f"sweep-{cfg.what}.png"), axis, xs, pts)
     out += ["", note or f"![test success against {title}]({rel}/sweep-{cfg.what}.png)"]
     return out
@@ -619,14 +624,23 @@ def previous(head: list[str], sub: str | None = None, raw: bool = False) -> list
     return None
 
 
-def kept_part(head: list[str], env: str) -> list[str]:
-    """The kept text of env's block in the previous RESULTS.md (a block that was all kept text, or the
-    KEPT_PART under one that was partly made), to stay beneath a block whose cells are made here only
-    in part: cells of other seeds made elsewhere before records.json are never dropped unseen."""
-    lines = previous(head, env, raw=True)
-    if lines is None:
+def kept_part(head: list[str], env: str | None = None) -> list[str]:
+    """The kept text of the previous RESULTS.md's section (a sweep) or of its env block (a table): text
+    kept whole (under KEPT_NOTE, the section's or the block's), or the KEPT_PART under one that was
+    made in part; to stay beneath a section or block made here only in part, so that numbers made
+    elsewhere before records.json are never dropped before their cells are made again."""
+    sec = previous(head, raw=True)
+    if sec is None:
         return []
-    body = lines[lines.index(KEPT_PART) + 1:] if KEPT_PART in lines else lines[4:] if lines[3] == KEPT_NOTE else []
+    whole = len(sec) > 4 and sec[4] == KEPT_NOTE  # the whole section was kept text
+    lines = sec if env is None else previous(head, env, raw=True) or []
+    at = 3 if env is None else 1  # where the body starts past the command / the '### env' line, blank skipped
+    if KEPT_PART in lines:
+        body = lines[lines.index(KEPT_PART) + 1:]
+    elif whole or (len(lines) > 3 and lines[3] == KEPT_NOTE):
+        body = [x for i, x in enumerate(lines) if i > at and x != KEPT_NOTE]
+    else:
+        body = []
     while body and body[0] == "":
         body = body[1:]
     return ["", KEPT_PART, "", *body] if body else []

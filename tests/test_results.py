@@ -323,3 +323,29 @@ def test_a_block_made_in_part_keeps_the_previous_kept_text_beneath(monkeypatch):
     assert "| novice (SFT) | 0.500 (1/2 seeds) |" in "\n".join(lines) and lines[-4:] == ["", R.KEPT_PART, "", "| old |"]
     lines = R.table_section(R.TableConfig(envs="hotpotqa", seeds="0"), ["table"])  # every cell made: it goes
     assert "All cells computed." in lines and R.KEPT_PART not in lines
+
+
+def test_kept_part_from_a_section_kept_whole_and_a_sweep_made_in_part(monkeypatch, tmp_path):
+    """A table section kept whole (one KEPT_NOTE above every env block) gives each block's text; a sweep
+    made in part keeps its earlier kept text, and its earlier plot is not drawn over."""
+    head = ["## Methods on the built-in environments", "", "Command: `python results.py table`"]
+    old = ["# Results", "", *head, "", R.KEPT_NOTE, "", "Seeds 0, 1.", "", "### webshop", "", "| a |", "",
+           "### hotpotqa", "", "| b |", ""]
+    monkeypatch.setitem(R._REC, "before", "\n".join(old))
+    assert R.kept_part(head, "hotpotqa") == ["", R.KEPT_PART, "", "| b |"]
+    assert R.kept_part(head, "webshop") == ["", R.KEPT_PART, "", "| a |"]
+
+    argv = ["sweep", "--what", "size", "--envs", "hotpotqa", "--seeds", "0", "--dims", "128,256"]
+    cfg = R.TableConfig(what="size", envs="hotpotqa", seeds="0", dims="128,256")
+    sweep_head = ["## Sweep: test success against model size (tiny-preset width)", "",
+                  f"Command: `python results.py {' '.join(argv)}`"]
+    monkeypatch.setitem(R._REC, "before", "\n".join(["# Results", "", *sweep_head, "", R.KEPT_NOTE, "", "| old |",
+                                                     "", "![plot](results/sweep-size.png)", ""]))
+    monkeypatch.setattr(R, "values", lambda cfg, env, name, split, metric, it=None, dim=None:
+                        {0: 0.5} if dim == 256 else {})  # dim 128 not made here
+    lines = R.sweep_section(cfg, argv, str(tmp_path), "results")
+    assert lines[-6:] == ["", R.KEPT_PART, "", "| old |", "", "![plot](results/sweep-size.png)"]
+    assert "| hotpotqa | novice (SFT) | — | 0.500 |" in lines and not (tmp_path / "sweep-size.png").exists()
+    monkeypatch.setattr(R, "values", lambda cfg, env, name, split, metric, it=None, dim=None: {0: 0.5})
+    lines = R.sweep_section(cfg, argv, str(tmp_path), "results")  # every point made: the kept text goes
+    assert R.KEPT_PART not in lines
