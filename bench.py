@@ -363,9 +363,8 @@ def bench_amp(a) -> None:
 
     dev = torch.device("cpu")
     cfg = S.Config(dim=256, n_layers=4, n_heads=4)
-    native = [f for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if getattr(torch.cpu, f, lambda: False)()]
     print(f"\n## training precision on this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}; native "
-          f"bf16: {', '.join(f[4:-10] for f in native) or 'none'}; --amp auto picks {S.resolve_amp('auto', dev)})\n")
+          f"bf16: {', '.join(S.cpu_native_bf16()) or 'none'}; --amp auto picks {S.resolve_amp('auto', dev)})\n")
     row("step", "model", "bf16 autocast (s)", "fp32 (s)", "bf16 / fp32 time")
     row(*["---"] * 5)
     g = torch.Generator().manual_seed(0)

@@ -291,11 +291,11 @@ def precision(cell: str) -> str | None:
     return kept(cell, path, lambda: json.load(open(path)).get("amp"), "#amp")
 
 
-def precision_line(cfg: TableConfig, env: str, dim: int | None = None) -> list[str]:
+def precision_line(cfg: TableConfig, env: str) -> list[str]:
     """'Training precision: ...' over the seeds whose novice recorded it, or nothing."""
     by = {}
     for seed in ints(cfg.seeds):
-        if (p := precision(cell_dir(cfg, env, seed, dim))) is not None:
+        if (p := precision(cell_dir(cfg, env, seed))) is not None:
             by.setdefault(p, []).append(seed)
     if not by:
         return []
@@ -332,8 +332,8 @@ def script_command(cfg: TableConfig, argv: list[str], key: str) -> str:
         return "results.py only (`SFTContinued`)"
     opts = [(argv[i].lstrip("-"), argv[i + 1]) for i in range(1, len(argv) - 1, 2)]
     opts = [(k, v) for k, v in opts if k in fields and k not in TABLE_ONLY and k not in (*TABLE_DEFAULTS, *METHODS[key][2])]
-    # the table's own defaults (the model shape only matters to the tiny preset)
-    opts += [(k, str(getattr(cfg, k))) for k in TABLE_DEFAULTS if k in ("n_test", "amp") or not preset_tag(cfg)]
+    # the table's own defaults, but the tiny model's shape only with the tiny preset
+    opts += [(k, str(getattr(cfg, k))) for k in TABLE_DEFAULTS if not preset_tag(cfg) or k not in ("dim", "n_layers", "n_heads")]
     flags = " ".join(f"--{k} {shlex.quote(v)}" for k, v in opts)
     out = os.path.join(cfg.out, preset_tag(cfg), "<env>-seed<seed>")
     return f"`python {script} {flags} --env <env> --seed <seed> --out {out}`".replace("  ", " ")

@@ -463,9 +463,14 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "none"
     if device.type == "cpu":
-        native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return "bf16" if any(f() for f in native) else "none"
+        return "bf16" if cpu_native_bf16() else "none"
     return "none"
+
+
+def cpu_native_bf16() -> list[str]:
+    """The features of this CPU that compute bf16 natively (AVX512-BF16, AMX tiles), as torch reports them."""
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+    return [name for name, f in probes.items() if getattr(torch.cpu, f, lambda: False)()]
 
 
 def autocast(device: torch.device, amp: str):

@@ -316,7 +316,7 @@ def test_a_block_made_in_part_keeps_the_previous_kept_text_beneath(monkeypatch):
     monkeypatch.setattr(R, "values", values)
     monkeypatch.setattr(R, "updates", lambda cell, name, iterations: None)
     monkeypatch.setattr(R, "match_section", lambda cfg, env: [])
-    monkeypatch.setattr(R, "precision_line", lambda cfg, env, dim=None: [])
+    monkeypatch.setattr(R, "precision_line", lambda cfg, env: [])
     kept_hotpotqa = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### hotpotqa", "", R.KEPT_NOTE, "", "| old |", ""]
     monkeypatch.setitem(R._REC, "before", "\n".join(kept_hotpotqa))
     lines = R.table_section(R.TableConfig(envs="hotpotqa", seeds="0,1"), ["table"])  # seed 1 missing
