@@ -497,20 +497,19 @@ def train_sft(cfg: Config) -> str:
     if cfg.rename_ids and cfg.whole_ids and cfg.preset == "tiny":
         sys.exit("error: --rename_ids true draws IDs the tiny tokenizer has never seen; add --whole_ids false")
     seed_all(cfg.seed)
-    records = expert_data(cfg)
-    base = prepare_base(cfg, records)
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, P.get_device(cfg.device)))  # recorded as trained
     ckpt = os.path.join(cfg.out, "sft")
     state_path = os.path.join(ckpt, "trainer_state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
     n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
     n_epochs = n_pre + cfg.sft_epochs
     pending = state.get("dev", {}) is None  # saved, then stopped in its dev evaluation
-    if state["epoch"] and state["epoch"] < n_epochs and state.get("amp", cfg.amp) != cfg.amp:
-        sys.exit(f"error: {ckpt} trained its epochs with --amp {state['amp']}, not {cfg.amp}; rerun with "
-                 f"--amp {state['amp']} to resume it in the same precision, or choose another --out")
+    _check_novice_options(cfg, state, finished=state["epoch"] >= n_epochs)
     if state["epoch"] >= n_epochs and not pending:
         print(f"novice already trained: {ckpt} ({state['epoch']} epochs)")
         return ckpt
+    records = expert_data(cfg)
+    base = prepare_base(cfg, records)
     model, tok = load(ckpt if state["epoch"] else base, cfg)
     if cfg.fsdp:
         P.fsdp_wrap(model)
@@ -576,7 +575,7 @@ def train_sft(cfg: Config) -> str:
                     log.write(step=step, loss=loss_all, lr=lr, grad_norm=gn.item())
         speed = P.all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
         st = {"epoch": epoch + 1, "step": step, "loss": loss_all, "tokens_per_s": speed, "dev": {} if pre else None,
-              "amp": cfg.amp}  # the precision it trained in (resolve_amp): a resume must keep it
+              "amp": cfg.amp}  # the precision it trained in (resolve_amp; novice.json has every option)
         full, opt_state = P.replica(model), P.optim_state(model, opt)
         if P.is_main():
             M.save_model(full, tok, ckpt, extra={"trainer_state.json": st, "optimizer.pt": opt_state})
@@ -588,6 +587,32 @@ def train_sft(cfg: Config) -> str:
     P.barrier()  # the other ranks go on to read the novice rank 0 wrote
     print(f"novice saved to {ckpt}")
     return ckpt
+
+
+# the options that shape the novice (its data, base model and SFT); the tiny preset's own ones only there
+NOVICE = ("env", "preset", "seed", "dtype", "n_train", "max_seq_len", "sft_epochs", "sft_lr", "batch_size",
+          "grad_accum", "warmup", "weight_decay", "grad_clip", "rename_ids", "amp")
+NOVICE_TINY = ("vocab_size", "dim", "n_layers", "n_heads", "pretrain_epochs", "whole_ids")
+
+
+def _check_novice_options(cfg: Config, state: dict, finished: bool) -> None:
+    """<out>/novice.json records the options the novice in <out> is made with; a later run in the same
+    --out with other ones is refused, the option named, instead of silently reusing or resuming a
+    novice (or a tiny base, or expert data) made otherwise. A finished novice is reused whatever this
+    run's --amp: that is the precision of what trains next (--amp auto differs between machines).
+    A novice from before novice.json is checked on the precision its trainer_state.json recorded."""
+    path = os.path.join(cfg.out, "novice.json")
+    now = {k: getattr(cfg, k) for k in NOVICE + (NOVICE_TINY if cfg.preset == "tiny" else ())}
+    old = json.load(open(path)) if os.path.exists(path) else {k: state[k] for k in ("amp",) if k in state}
+    diff = [k for k in now if k in old and old[k] != now[k] and not (finished and k == "amp")]
+    if diff:
+        k = diff[0]
+        sys.exit(f"error: {cfg.out} holds a novice made with --{k} {old[k]}, not {now[k]}; rerun with "
+                 f"--{k} {old[k]} to {'reuse' if finished else 'resume'} it, or choose another --out")
+    if finished and old.get("amp", now["amp"]) != now["amp"]:
+        print(f"note: the novice in {cfg.out} trained with --amp {old['amp']}; this run trains with --amp {now['amp']}")
+    if not os.path.exists(path) and not state["epoch"] and P.is_main():  # a novice begun now
+        envs.write_json(path, now)
 
 
 # ----------------------------------------------------------------------------- inspection

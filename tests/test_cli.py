@@ -70,19 +70,26 @@ def test_model_sample_command(run_dir):
     assert r.returncode != 0 and "config.json: missing" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_sft_resumes_from_last_epoch_checkpoint(tmp_path):
+def test_sft_reuses_its_novice_and_refuses_other_options(tmp_path):
+    """A finished novice is found again by the same command; one asked for with another SFT option in
+    the same --out is refused in one line (not silently reused, nor trained further on another
+    schedule); another --amp reuses it with a note (the precision of what trains next)."""
     out = str(tmp_path / "r")
     run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1")
     first = json.load(open(os.path.join(out, "sft", "trainer_state.json")))
-    # the precision it trained in is kept: resuming it in the other one is refused, in one line
-    other = {"bf16": "none", "none": "bf16"}[first["amp"]]
+    opts = json.load(open(os.path.join(out, "novice.json")))
+    assert (opts["sft_epochs"], opts["n_train"], opts["dim"], opts["amp"]) == (1, 8, 32, first["amp"])
+    assert "novice already trained" in run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1")
     i = MICRO.index("--sft_epochs")
-    r = subprocess.run([sys.executable, "stepagent.py", "sft", *MICRO[:i], "--sft_epochs", "2", *MICRO[i + 2:],
-                        "--out", out, "--n_test", "1", "--amp", other], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and f"trained its epochs with --amp {first['amp']}, not {other}" in r.stderr
-    assert "Traceback" not in r.stderr
-    stdout = run("stepagent.py", "sft", *MICRO[:MICRO.index("--sft_epochs")], "--sft_epochs", "2",
-                 *MICRO[MICRO.index("--sft_epochs") + 2:], "--out", out, "--n_test", "1")
-    assert "resuming SFT from" in stdout and f"after epoch {first['epoch']}" in stdout
-    state = json.load(open(os.path.join(out, "sft", "trainer_state.json")))
-    assert state["epoch"] == first["epoch"] + 1 and state["step"] == first["step"] + 2
+    for flag, value, was in [("--sft_epochs", "2", "1"), ("--dim", "48", "32"), ("--sft_lr", "0.001", "0.003")]:
+        argv = [*MICRO[:i], "--sft_epochs", value if flag == "--sft_epochs" else "1", *MICRO[i + 2:]]
+        if flag != "--sft_epochs":
+            argv += [flag, value]
+        r = subprocess.run([sys.executable, "stepagent.py", "sft", *argv, "--out", out, "--n_test", "1"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert f"holds a novice made with {flag} {was}, not {value}; rerun with {flag} {was} to reuse it" in r.stderr
+    other = {"bf16": "none", "none": "bf16"}[first["amp"]]
+    stdout = run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1", "--amp", other)
+    assert "novice already trained" in stdout and f"trained with --amp {first['amp']}; this run trains with --amp {other}" in stdout
+    assert json.load(open(os.path.join(out, "sft", "trainer_state.json"))) == first

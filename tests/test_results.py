@@ -180,8 +180,8 @@ def test_sweep_k_micro(tmp_path, monkeypatch):
             "--ks", "1,2"]
     _run(["sweep", "--what", "k", *args, "--out", out, "--results", res], script="results.py")
     cell = os.path.join(out, "hotpotqa-seed0")
-    assert sorted(os.listdir(cell)) == sorted(["base", "data", "eval", "implicit", "implicit-k1", "inverse", "sft",
-                                               "sft_metrics.jsonl", "tokenizer"])  # K = 2 is --k's own run
+    assert sorted(os.listdir(cell)) == sorted(["base", "data", "eval", "implicit", "implicit-k1", "inverse", "novice.json",
+                                               "sft", "sft_metrics.jsonl", "tokenizer"])  # K = 2 is --k's own run
     assert json.load(open(os.path.join(cell, "implicit-k1", "config.json")))["k"] == 1
     md = open(res).read()
     k1 = json.load(open(os.path.join(cell, "implicit-k1", "eval-iter1-test", "summary.json")))["success_rate"]

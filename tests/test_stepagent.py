@@ -230,6 +230,12 @@ def test_sft_saves_its_epoch_before_the_dev_evaluation(tmp_path, monkeypatch):
     state = json.load(open(os.path.join(b.out, "sft", "trainer_state.json")))
     assert (state["epoch"], state["step"], state["dev"]) == (2, 4, None)  # pretraining + SFT epoch 1 kept
     monkeypatch.setattr(S, "evaluate", real)
+    # a novice half made is resumed only as it began: not in the other precision, not on another schedule
+    other = {"bf16": "none", "none": "bf16"}[state["amp"]]
+    with pytest.raises(SystemExit, match=f"made with --amp {state['amp']}, not {other}; rerun with --amp {state['amp']} to resume"):
+        S.train_sft(dataclasses.replace(b, amp=other))
+    with pytest.raises(SystemExit, match="made with --sft_epochs 2, not 3"):
+        S.train_sft(dataclasses.replace(b, sft_epochs=3))
     S.train_sft(b)
     epochs = [[json.loads(x) for x in open(os.path.join(d, "sft_metrics.jsonl")) if "epoch" in x] for d in (cfg.out, b.out)]
     strip = lambda lines: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
