@@ -608,7 +608,7 @@ def _check_novice_options(cfg: Config, state: dict, finished: bool) -> None:
     if diff:
         k = diff[0]
         sys.exit(f"error: {cfg.out} holds a novice made with --{k} {old[k]}, not {now[k]}; rerun with "
-                 f"--{k} {old[k]} to {'reuse' if finished else 'resume'} it, or choose another --out")
+                 f"--{k} {old[k]} to go on with it, or choose another --out")
     if finished and old.get("amp", now["amp"]) != now["amp"]:
         print(f"note: the novice in {cfg.out} trained with --amp {old['amp']}; this run trains with --amp {now['amp']}")
     if not os.path.exists(path) and not state["epoch"] and P.is_main():  # a novice begun now

@@ -88,7 +88,7 @@ def test_sft_reuses_its_novice_and_refuses_other_options(tmp_path):
         r = subprocess.run([sys.executable, "stepagent.py", "sft", *argv, "--out", out, "--n_test", "1"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and "Traceback" not in r.stderr
-        assert f"holds a novice made with {flag} {was}, not {value}; rerun with {flag} {was} to reuse it" in r.stderr
+        assert f"holds a novice made with {flag} {was}, not {value}; rerun with {flag} {was} to go on with it" in r.stderr
     other = {"bf16": "none", "none": "bf16"}[first["amp"]]
     stdout = run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1", "--amp", other)
     assert "novice already trained" in stdout and f"trained with --amp {first['amp']}; this run trains with --amp {other}" in stdout

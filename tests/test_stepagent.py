@@ -232,7 +232,7 @@ def test_sft_saves_its_epoch_before_the_dev_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "evaluate", real)
     # a novice half made is resumed only as it began: not in the other precision, not on another schedule
     other = {"bf16": "none", "none": "bf16"}[state["amp"]]
-    with pytest.raises(SystemExit, match=f"made with --amp {state['amp']}, not {other}; rerun with --amp {state['amp']} to resume"):
+    with pytest.raises(SystemExit, match=f"made with --amp {state['amp']}, not {other}; rerun with --amp {state['amp']} to go on"):
         S.train_sft(dataclasses.replace(b, amp=other))
     with pytest.raises(SystemExit, match="made with --sft_epochs 2, not 3"):
         S.train_sft(dataclasses.replace(b, sft_epochs=3))
