@@ -470,6 +470,7 @@ _STOP = set("a an the of in on at to and or is was were be by for with as from t
 
 
 class HotpotQAEnv:
+    INVALID = re.compile(r"Invalid action|No page is open")
     prompt = ("Answer the question using an offline Wikipedia. Actions:\n"
               "search[entity]: shows the first sentences of the entity's page, or similar titles if none.\n"
               "lookup[keyword]: shows the next sentence containing keyword in the current page.\n"

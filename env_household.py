@@ -299,6 +299,8 @@ def _build_room(data: dict) -> tuple[dict, dict]:
 class HouseholdEnv:
     """ALFWorld-style household tasks; see the module docstring."""
 
+    INVALID = re.compile(r"Nothing happens\.|No action found\.|'.*' is not a command\.", re.S)
+
     def __init__(self, max_steps: int = MAX_STEPS, **kwargs):  # kwargs (e.g. data_dir): nothing to load
         self.max_steps, self.prompt = max_steps, PROMPT
         self.task: Task | None = None

@@ -247,6 +247,7 @@ class ScienceWorldEnv:
 
     name = "scienceworld"
     splits = ("train", "dev", "test")
+    INVALID = re.compile(r"Invalid turn: no action found|No known action matches that input")
 
     @classmethod
     def make_tasks(cls, split: str, n: int | None = None, seed: int = 0,
@@ -368,6 +369,7 @@ class TextWorldExpressEnv:
 
     name = "textworld-express"
     splits = ("train", "dev", "test")
+    INVALID = re.compile(r"Invalid turn: no action found|Unknown action")
 
     @classmethod
     def make_tasks(cls, split: str, n: int | None = None, seed: int = 0, game: str = "twc",

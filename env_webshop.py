@@ -391,6 +391,7 @@ def _choose_options(product: dict, goal: dict) -> dict[str, str]:
 
 class WebShopEnv:
     max_steps = 15
+    INVALID = re.compile(r"Invalid action")  # (envs.invalid: observations of actions not carried out)
     opaque_ids = r"\bB0[A-Z0-9]{8}\b"  # product IDs: names with no meaning, for stepagent's SFT renaming
     prompt = PROMPT
 

@@ -19,7 +19,8 @@ This file holds what they share. The protocol, kept small on purpose:
 
 `env.max_steps` is the step limit and `env.prompt` the instruction text shown to the agent (what
 the actions are). Model output never raises: a turn without a parseable action, or an impossible
-action, gets an informative observation and costs a step.
+action, gets an informative observation and costs a step; `env.INVALID` (a regex) matches the
+start of exactly those observations, so evaluations can count invalid steps (`invalid()`).
 
     python envs.py dump --env webshop --split train --n 500 --out data/webshop_train.json
     python envs.py play --env household
@@ -81,6 +82,13 @@ def splits(name: str) -> tuple[str, ...]:
 def load_env(name: str, **kwargs):
     """One environment object of family `name`; kwargs go to its constructor (e.g. data_dir=...)."""
     return env_class(name)(**kwargs)
+
+
+def invalid(env, obs: str) -> bool:
+    """Whether observation `obs` says the turn's action was not carried out: no parseable action,
+    not a command, or impossible where the agent is (the family's `INVALID` pattern)."""
+    pattern = getattr(env, "INVALID", None)
+    return bool(pattern and pattern.match(obs))
 
 
 def make(name: str, split: str, n: int | None = None, seed: int = 0, **kwargs) -> list[Task]:

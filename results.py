@@ -234,12 +234,15 @@ def kept(cell: str, path: str, read, tag: str = ""):
     return value
 
 
-def summary(cell: str, name: str, split: str, n: int, seed: int, it: int) -> dict | None:
-    """A summary.json of this split, size and seed, or None: the novice's (<cell>/eval/sft-<split>) or
-    iteration it's of run `name` (<cell>/<name>/eval-iter<it>-<split>)."""
-    folder = os.path.join(cell, "eval", f"sft-{split}") if name == "novice" else \
+def eval_folder(cell: str, name: str, split: str, it: int) -> str:
+    """The novice's evaluation (<cell>/eval/sft-<split>) or iteration it's of run `name`."""
+    return os.path.join(cell, "eval", f"sft-{split}") if name == "novice" else \
         os.path.join(cell, name, f"eval-iter{it}-{split}")
-    path = os.path.join(folder, "summary.json")
+
+
+def summary(cell: str, name: str, split: str, n: int, seed: int, it: int) -> dict | None:
+    """A summary.json of this split, size and seed (in eval_folder), or None."""
+    path = os.path.join(eval_folder(cell, name, split, it), "summary.json")
 
     def read():
         s = json.load(open(path))
@@ -248,14 +251,30 @@ def summary(cell: str, name: str, split: str, n: int, seed: int, it: int) -> dic
     return s if s is not None and (s.get("split"), s.get("n"), s.get("seed")) == (split, n, seed) else None
 
 
+def invalid_share(cell: str, env: str, name: str, split: str, it: int) -> float | None:
+    """The share of an evaluation's steps whose action was not carried out (envs.invalid), counted from
+    its trajectories.json: evaluations made before summary.json recorded `invalid_share` have only that."""
+    path = os.path.join(eval_folder(cell, name, split, it), "trajectories.json")
+    cls = envs.env_class(env)
+
+    def read():
+        obs = [t["value"].removeprefix("Observation: ") for r in json.load(open(path))
+               for t in r["conversations"][2::2]]  # the turns after each action
+        return sum(envs.invalid(cls, o) for o in obs) / max(1, len(obs))
+    return kept(cell, path, read, "#invalid")
+
+
 def values(cfg: TableConfig, env: str, name: str, split: str, metric: str, it: int | None = None,
            dim: int | None = None) -> dict[int, float]:
     """seed -> metric over the seeds whose summary is on disk (it: default the last iteration)."""
     n = cfg.n_dev if split == "dev" else cfg.n_test
     out = {}
     for seed in ints(cfg.seeds):
-        s = summary(cell_dir(cfg, env, seed, dim), name, split, n, seed, it or cfg.iterations)
-        if s is not None:
+        cell, i = cell_dir(cfg, env, seed, dim), it or cfg.iterations
+        s = summary(cell, name, split, n, seed, i)
+        if s is not None and metric == "invalid_share" and metric not in s:
+            s = {metric: invalid_share(cell, env, name, split, i)}
+        if s is not None and s[metric] is not None:
             out[seed] = s[metric]
     return out
 
@@ -398,6 +417,13 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
             out += ["", "Success per iteration (test / dev; mean over the seeds present; iteration 0 = the novice):", "",
                     "| method | " + " | ".join(f"iter {i}" for i in range(cfg.iterations + 1)) + " |",
                     "| --- |" + " --- |" * (cfg.iterations + 1), *per_it]
+        steps = [[values(cfg, env, key, split, m) for split in have for m in ("avg_steps", "invalid_share")] for key in ROWS]
+        if any(any(v) for row in steps for v in row):
+            out += ["", "Steps per task and the share of steps whose action was not carried out (`invalid`: no action, "
+                        "not a command, or impossible there; `envs.invalid`), mean over the seeds present:", "",
+                    "| method | " + " | ".join(f"{s} {m}" for s in have for m in ("steps", "invalid")) + " |",
+                    "| --- |" + " --- |" * (2 * len(have))]
+            out += [f"| {LABEL[key]} | " + " | ".join(mean_str(v, 2) for v in row) + " |" for key, row in zip(ROWS, steps)]
         out += match_section(cfg, env)
         if _REC["found"] == found:  # nothing of this env here: what the previous RESULTS.md showed, if anything
             out[start:] = previous(out, env) or out[start:]
@@ -406,8 +432,8 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
     return out
 
 
-def mean_str(vals: dict[int, float]) -> str:
-    return f"{mean_spread(list(vals.values()))[0]:.3f}" if vals else "—"
+def mean_str(vals: dict[int, float], digits: int = 3) -> str:
+    return f"{mean_spread(list(vals.values()))[0]:.{digits}f}" if vals else "—"
 
 
 def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen")) -> list[str]:

@@ -220,7 +220,8 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     time; env objects are reused, which matters for the JVM-backed real envs). Each task's keys and
     values stay cached between its turns (model.ChatCache; reuse_cache=False re-prefills every turn,
     the reference bench.py compares with). Returns one ETO record per task with reward, success and
-    steps added. Under torchrun each rank plays its shard of the tasks; every rank gets all records."""
+    steps added, and invalid_steps: the 0-based steps whose action was not carried out (envs.invalid).
+    Under torchrun each rank plays its shard of the tasks; every rank gets all records."""
     tasks = P.shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
@@ -232,7 +233,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
         for env, i in zip(pool, range(lo, min(lo + batch, len(tasks)))):
             first = env.reset(tasks[i])  # (some envs set max_steps per task here)
             msgs = [{"role": "user", "content": f"{envs.instruction(env)}\n\n{first}"}]
-            live.append({"i": i, "env": env, "msgs": msgs, "reward": 0.0, "steps": 0, "drop": 0})
+            live.append({"i": i, "env": env, "msgs": msgs, "reward": 0.0, "steps": 0, "drop": 0, "invalid": []})
         cache = M.ChatCache(model, len(live)) if reuse_cache else None  # each turn prefills only its new tokens
         while live:
             prompts = []
@@ -245,6 +246,8 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
             for j, (s, out) in enumerate(zip(live, outs)):
                 turn = clean_turn(tok.decode(out))
                 obs, reward, done = s["env"].step(turn)
+                if envs.invalid(s["env"], obs):
+                    s["invalid"].append(s["steps"])
                 s["steps"] += 1
                 s["msgs"] += [{"role": "assistant", "content": turn}, {"role": "user", "content": f"Observation: {obs}"}]
                 s["reward"] = reward
@@ -265,7 +268,8 @@ def _finish(results, s, tasks, bar):
     task = tasks[s["i"]]
     conv = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in s["msgs"]]
     results[s["i"]] = {"id": task.id, "conversations": conv, "reward": float(s["reward"]),
-                       "success": s["reward"] >= 1.0, "steps": s["steps"], "task": task.to_json()}
+                       "success": s["reward"] >= 1.0, "steps": s["steps"], "invalid_steps": s["invalid"],
+                       "task": task.to_json()}
     bar.update(1)
 
 
@@ -287,10 +291,11 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
     recs = rollout(model, tok, cfg.env, tasks, 0.0, 1.0, cfg.max_new_tokens, cfg.eval_batch, one_shot=shot,
                    desc=f"{desc} {split}")
     model.train(was_training)
+    n, steps, bad = max(1, len(recs)), sum(r["steps"] for r in recs), sum(len(r["invalid_steps"]) for r in recs)
     summary = {"env": cfg.env, "split": split, "n": len(recs), "seed": cfg.seed,
-               "avg_reward": sum(r["reward"] for r in recs) / max(1, len(recs)),
-               "success_rate": sum(r["success"] for r in recs) / max(1, len(recs)),
-               "avg_steps": sum(r["steps"] for r in recs) / max(1, len(recs)), "seconds": time.time() - t0}
+               "avg_reward": sum(r["reward"] for r in recs) / n, "success_rate": sum(r["success"] for r in recs) / n,
+               "avg_steps": steps / n, "invalid_steps": bad, "invalid_share": bad / max(1, steps),
+               "seconds": time.time() - t0}
     if out_dir and P.is_main():
         envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
         envs.write_json(os.path.join(out_dir, "summary.json"), summary)

@@ -123,12 +123,14 @@ def test_sciworld_invalid_and_unparseable_cost_a_step(sw):
     task = sw_task("find-animal", 0)
     sw.reset(task)
     obs, reward, done = sw.step("Thought: I want to fly.\nAction: fly to the moon")
-    assert (obs, reward, done) == (SW_INVALID, 0.0, False)
+    assert (obs, reward, done) == (SW_INVALID, 0.0, False) and envs.invalid(sw, obs)
     obs, reward, done = sw.step("Thought: I am not sure what to do.")
     assert "no action found" in obs and "Action:" in obs and (reward, done) == (0.0, False)
+    assert envs.invalid(sw, obs)
     sw.max_steps = 3  # two steps are spent: the third ends the episode
     obs, reward, done = sw.step("Action: look around")
     assert obs.startswith("This room is called the hallway") and (reward, done) == (0.0, True)
+    assert not envs.invalid(sw, obs)
     assert sw.step("Action: look around") == (env_real._EPISODE_OVER, 0.0, True)  # no raise after the end
 
 
@@ -230,11 +232,12 @@ def test_twx_invalid_and_unparseable_cost_a_step(twx):
     task = twx_task("twc", 0)
     twx.reset(task)
     assert twx.step("Thought: dance!\nAction: dance wildly") == (TWX_INVALID, 0.0, False)
+    assert envs.invalid(twx, TWX_INVALID)
     obs, reward, done = twx.step("I have no idea.\nThought: hmm")
-    assert "no action found" in obs and (reward, done) == (0.0, False)
+    assert "no action found" in obs and (reward, done) == (0.0, False) and envs.invalid(twx, obs)
     twx.max_steps = 3
     obs, reward, done = twx.step("Action: inventory")
-    assert done and reward == 0.0
+    assert done and reward == 0.0 and not envs.invalid(twx, obs)
     assert twx.step("Action: inventory") == (env_real._EPISODE_OVER, 0.0, True)
 
 

@@ -86,3 +86,26 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         envs.write_json(p, {"a": object()})  # not serialisable: fails before anything is written
     assert json.load(open(p)) == {"a": 1}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_invalid_marks_exactly_the_actions_not_carried_out():
+    """Each family's invalid() on real observations: malformed, unknown and impossible actions are
+    invalid; the expert's first action and a well-formed action that finds nothing are not."""
+    cases = {
+        "webshop": [("Thought: hmm", True), ("Action: click[Buy Now]", True), ("Action: dance[x]", True),
+                    ("Action: search[zzzz qqqq]", False)],
+        "household": [("Thought: hmm", True), ("Action: fly to the moon", True),
+                      ("Action: take spoon 99 from drawer 9", True), ("Action: look", False), ("Action: inventory", False)],
+        "hotpotqa": [("Thought: hmm", True), ("Action: lookup[year]", True), ("Action: dance[x]", True),
+                     ("Action: search[]", True), ("Action: search[Zzqx Qqzx]", False)],
+    }
+    for name, steps in cases.items():
+        env = envs.load_env(name)
+        task = envs.make(name, "test", n=1, seed=0)[0]
+        for turn, want in steps:
+            env.reset(task)
+            obs = env.step(turn)[0]
+            assert envs.invalid(env, obs) is want, (name, turn, obs)
+        env.reset(task)
+        obs = env.step(env.expert(task)[0])[0]
+        assert not envs.invalid(env, obs), (name, obs)

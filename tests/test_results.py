@@ -68,6 +68,27 @@ def _check_table(out, md):
     return rows
 
 
+def _invalid_rows(md, env="hotpotqa"):
+    block = md.split(f"### {env}\n")[1].split("| method | test steps |")[1].split("\n\n")[0]
+    return {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in block.splitlines()[2:])}
+
+
+def _invalid_expected(out, run, seeds=(0, 1)):
+    """Mean steps and invalid share per split, counted here from trajectories.json by the observations' text."""
+    cells = []
+    for split in SPLITS:
+        steps, shares = [], []
+        for s in seeds:
+            folder = os.path.dirname(_summary_path(out, s, run, split))
+            obs = [t["value"] for r in json.load(open(os.path.join(folder, "trajectories.json")))
+                   for t in r["conversations"][2::2]]
+            bad = ("Observation: Invalid action", "Observation: No page is open")
+            shares.append(sum(o.startswith(bad) for o in obs) / len(obs))
+            steps.append(json.load(open(os.path.join(folder, "summary.json")))["avg_steps"])
+        cells += [f"{statistics.mean(steps):.2f}", f"{statistics.mean(shares):.2f}"]
+    return cells
+
+
 def _fingerprint(out):
     files = sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl")) + glob.glob(os.path.join(out, "*", "*", "last", "*")))
     return {f: hashlib.md5(open(f, "rb").read()).hexdigest() for f in files}
@@ -106,6 +127,20 @@ def test_table_end_to_end(tmp_path):
     sft = [json.loads(x) for x in open(os.path.join(out, "hotpotqa-seed1", "sft-continued", "metrics.jsonl"))]
     assert [x["trajectories"] for x in sft if "losses/sft" in x] == [3, 3, 3, 3]
     assert "StepAgent-Implicit, inspection 2 (2 seeds)" in md  # match rate per step index
+    assert _invalid_rows(md) == {R.LABEL[run]: _invalid_expected(out, run) for run in R.ROWS}
+    # an evaluation made before summary.json recorded invalid_share: counted from its trajectories
+    path = _summary_path(out, 0, "eto", "test")
+    d = json.load(open(path))
+    del d["invalid_share"]
+    json.dump(d, open(path, "w"))
+    trajs = os.path.join(os.path.dirname(path), "trajectories.json")
+    recs = json.load(open(trajs))
+    recs[0]["conversations"][2]["value"] = "Observation: Could not find Zqx. Similar: []."  # a valid search
+    json.dump(recs, open(trajs, "w"))
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    eto = _invalid_rows(open(res).read())["ETO"]
+    assert eto == _invalid_expected(out, "eto") and eto != _invalid_rows(md)["ETO"]
+    md = open(res).read()
 
     # rerun: nothing is trained again
     before = _fingerprint(out)

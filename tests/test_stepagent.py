@@ -261,3 +261,39 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_has_it_and_the_config_records_th
             assert torch.is_autocast_enabled("cpu") == (want == "bf16")
     with pytest.raises(SystemExit, match="--amp expects auto, bf16 or none, got 'fp8'"):
         S.parse_config(S.Config, ["--amp", "fp8"])
+
+
+def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypatch):
+    """Scripted turns (the expert's, with known bad ones slipped in: not a command, an impossible
+    take, no action at all) through evaluate: the bad steps are the ones recorded, and the summary
+    counts them; the expert still succeeds, since a bad step changes nothing."""
+    model, tok = tiny
+    tasks = S.envs.make("household", "test", n=2, seed=0)
+    env = S.envs.load_env("household")
+    bad = {0: {1: "Action: fly to the moon", 2: "Action: take spoon 99 from drawer 9"},
+           1: {0: "Thought: I am not sure what to do."}}
+    script = []
+    for i, t in enumerate(tasks):
+        turns = list(env.expert(t))
+        for at in sorted(bad[i]):
+            turns.insert(at, bad[i][at])
+        script.append(turns)
+
+    played = [0, 0]
+
+    def scripted(model, prompts, *a, **kw):  # the task from its instruction (its first turn always stays)
+        outs = []
+        for ids in prompts:
+            i = next(j for j, t in enumerate(tasks) if t.instruction in tok.decode(ids))
+            outs.append(tok.encode(script[i][played[i]]))
+            played[i] += 1
+        return outs, None
+
+    monkeypatch.setattr(S.M, "generate", scripted)
+    cfg = S.Config(env="household", seed=0, eval_batch=2, max_new_tokens=64)
+    summary = S.evaluate(model, tok, cfg, "test", n=2, out_dir=str(tmp_path))
+    recs = json.load(open(tmp_path / "trajectories.json"))
+    assert [r["invalid_steps"] for r in recs] == [[1, 2], [0]]
+    assert [r["steps"] for r in recs] == [len(s) for s in script] and summary["success_rate"] == 1.0
+    assert summary["invalid_steps"] == 3
+    assert summary["invalid_share"] == pytest.approx(3 / sum(len(s) for s in script))
