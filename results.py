@@ -418,7 +418,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                     "| method | " + " | ".join(f"iter {i}" for i in range(cfg.iterations + 1)) + " |",
                     "| --- |" + " --- |" * (cfg.iterations + 1), *per_it]
         steps = [[values(cfg, env, key, split, m) for split in have for m in ("avg_steps", "invalid_share")] for key in ROWS]
-        if any(any(v) for row in steps for v in row):
+        if any(v for row in steps for v in row):  # (dicts seed -> value: seed 0 alone is a falsy key)
             out += ["", "Steps per task and the share of steps whose action was not carried out (`invalid`: no action, "
                         "not a command, or impossible there; `envs.invalid`), mean over the seeds present:", "",
                     "| method | " + " | ".join(f"{s} {m}" for s in have for m in ("steps", "invalid")) + " |",

@@ -274,6 +274,9 @@ def test_table_with_a_model_folder_preset_on_an_env_without_test_unseen(tmp_path
     assert rows["StepAgent-Implicit"][:4] == [f"{got['success_rate']:.3f}", f"{got['avg_reward']:.3f}", "n/a", "n/a"]
     assert "Not computed yet: SFT-continued test (seed 0); ETO test (seed 0);" in section  # test_unseen not listed
     assert "test_unseen" not in "".join(x for x in section.splitlines() if x.startswith("- StepAgent-"))
+    # steps and invalid share with one seed, seed 0 (a table that once dropped, its only key being falsy)
+    block = section.split("| method | test steps | test invalid |")[1].split("\n\n")[0].splitlines()
+    assert f"| StepAgent-Implicit | {got['avg_steps']:.2f} | {got['invalid_share']:.2f} |" in block
 
 
 def test_commands_are_recorded_per_option_set(tmp_path):
