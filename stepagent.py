@@ -291,10 +291,10 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
     recs = rollout(model, tok, cfg.env, tasks, 0.0, 1.0, cfg.max_new_tokens, cfg.eval_batch, one_shot=shot,
                    desc=f"{desc} {split}")
     model.train(was_training)
-    n, steps, bad = max(1, len(recs)), sum(r["steps"] for r in recs), sum(len(r["invalid_steps"]) for r in recs)
+    per, steps, bad = max(1, len(recs)), sum(r["steps"] for r in recs), sum(len(r["invalid_steps"]) for r in recs)
     summary = {"env": cfg.env, "split": split, "n": len(recs), "seed": cfg.seed,
-               "avg_reward": sum(r["reward"] for r in recs) / n, "success_rate": sum(r["success"] for r in recs) / n,
-               "avg_steps": steps / n, "invalid_steps": bad, "invalid_share": bad / max(1, steps),
+               "avg_reward": sum(r["reward"] for r in recs) / per, "success_rate": sum(r["success"] for r in recs) / per,
+               "avg_steps": steps / per, "invalid_steps": bad, "invalid_share": bad / max(1, steps),
                "seconds": time.time() - t0}
     if out_dir and P.is_main():
         envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
