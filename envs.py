@@ -129,6 +129,7 @@ def react_turn(thought: str, action: str) -> str:
 
 REACT_FORMAT = ("Answer each observation with one short thought and one action, in exactly this form:\n"
                 "Thought: <your reasoning>\nAction: <one action>")
+OBS = "Observation: "  # the head of every user turn after the first (expert files, rollouts, results' counts)
 
 
 def instruction(env) -> str:
@@ -169,7 +170,7 @@ def trajectory_record(task: Task, prompt: str, first_obs: str, turns: list[str],
     for i, turn in enumerate(turns):
         conv.append({"from": "gpt", "value": turn})
         if i < len(observations):
-            conv.append({"from": "human", "value": f"Observation: {observations[i]}"})
+            conv.append({"from": "human", "value": OBS + observations[i]})
     return {"id": task.id, "conversations": conv, "reward": float(reward), "task": task.to_json()}
 
 

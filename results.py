@@ -258,7 +258,7 @@ def invalid_share(cell: str, env: str, name: str, split: str, it: int) -> float 
     cls = envs.env_class(env)
 
     def read():
-        obs = [t["value"].removeprefix("Observation: ") for r in json.load(open(path))
+        obs = [t["value"].removeprefix(envs.OBS) for r in json.load(open(path))
                for t in r["conversations"][2::2]]  # the turns after each action
         return sum(envs.invalid(cls, o) for o in obs) / max(1, len(obs))
     return kept(cell, path, read, "#invalid")

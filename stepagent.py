@@ -249,7 +249,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
                 if envs.invalid(s["env"], obs):
                     s["invalid"].append(s["steps"])
                 s["steps"] += 1
-                s["msgs"] += [{"role": "assistant", "content": turn}, {"role": "user", "content": f"Observation: {obs}"}]
+                s["msgs"] += [{"role": "assistant", "content": turn}, {"role": "user", "content": envs.OBS + obs}]
                 s["reward"] = reward
                 if done or s["steps"] >= s["env"].max_steps:  # envs end at their limit; this is a guard
                     _finish(results, s, tasks, bar)
