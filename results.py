@@ -264,6 +264,12 @@ def invalid_share(cell: str, env: str, name: str, split: str, it: int) -> float 
     return kept(cell, path, read, "#invalid")
 
 
+def solved(cell: str, name: str, split: str, it: int) -> list[str] | None:
+    """The ids of the tasks an evaluation solved, from its trajectories.json (for the per-task verdicts)."""
+    path = os.path.join(eval_folder(cell, name, split, it), "trajectories.json")
+    return kept(cell, path, lambda: sorted(r["id"] for r in json.load(open(path)) if r["success"]), "#solved")
+
+
 def values(cfg: TableConfig, env: str, name: str, split: str, metric: str, it: int | None = None,
            dim: int | None = None) -> dict[int, float]:
     """seed -> metric over the seeds whose summary is on disk (it: default the last iteration)."""
@@ -332,6 +338,46 @@ def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
     return None if m is None else {int(t): v for t, v in m.items()}  # records.json's keys are strings
 
 
+# What each method's metrics.jsonl says of its training, per finished iteration: (row label, key, event).
+# An update signal (event None) is shown as the mean of the iteration's first and last EDGE updates that
+# carry the key; an event's signal once per iteration (ETO's and PPO's sampled rollouts on the train tasks;
+# D's accuracy and loss on all the iteration's data after its D steps).
+DPO_SIGNALS = [("DPO loss", "losses/dpo", None), ("DPO reward accuracy", "rewards/accuracy", None),
+               ("DPO margin", "rewards/margins", None), ("expert log-prob (chosen side)", "logps/expert", None)]
+SIGNALS = {
+    "sft-continued": [("SFT loss", "losses/sft", None)],
+    "eto": [("rollout success (train tasks)", "success", "explore"), *DPO_SIGNALS],
+    "ppo-outcome": [("rollout success (train tasks)", "success", "explore"), ("KL to the sampling policy, per token", "losses/kl", None),
+                    ("clip fraction", "policy/clip_frac", None)],
+    "implicit": DPO_SIGNALS,
+    "inverse": [("D accuracy on expert actions", "disc/acc_expert", "disc"),
+                ("D accuracy on agent actions", "disc/acc_agent", "disc"), ("D loss", "losses/disc", "disc"),
+                ("KL to the sampling policy, per token", "losses/kl", None), ("clip fraction", "policy/clip_frac", None)],
+}
+EDGE = 5
+
+
+def signals(cell: str, key: str) -> dict | None:
+    """{str(iteration): {label: value, or [mean of the first EDGE, of the last EDGE updates]}} over run
+    key's finished iterations (SIGNALS), from its metrics.jsonl."""
+    path = os.path.join(cell, key, "metrics.jsonl")
+
+    def read():
+        lines = [json.loads(x) for x in open(path)]
+        out = {}
+        for it in sorted({x["iteration"] for x in lines if x.get("event") == "iteration"}):
+            row = {}
+            for label, name, event in SIGNALS[key]:
+                v = [x[name] for x in lines if x.get("event") == event and x.get("iteration") == it and name in x]
+                if v and event:
+                    row[label] = v[-1]
+                elif v:
+                    row[label] = [sum(v[:EDGE]) / len(v[:EDGE]), sum(v[-EDGE:]) / len(v[-EDGE:])]
+            out[str(it)] = row
+        return out
+    return kept(cell, path, read, "#signals")
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -379,7 +425,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         out += ["", f"### {env}", "",
                 "| method | test success | test reward | test_unseen success | test_unseen reward | updates |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        missing, cells, have = [], {}, eval_splits(env)
+        missing, cells, tasks, have = [], {}, {}, eval_splits(env)
         for key in ROWS:
             row = []
             for split in ("test", "test_unseen"):
@@ -387,6 +433,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                     row += ["n/a", "n/a"]
                     continue
                 cells[key, split] = values(cfg, env, key, split, "success_rate")
+                tasks[key, split] = {s: solved(cell_dir(cfg, env, s), key, split, cfg.iterations) for s in cells[key, split]}
                 row += [fmt(cells[key, split], n_seeds), fmt(values(cfg, env, key, split, "avg_reward"), n_seeds)]
                 gone = [s for s in seeds if s not in cells[key, split]]
                 if gone:
@@ -398,7 +445,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         out += ["", "Not computed yet: every cell (run the command above)." if everything else
                 f"Not computed yet: {'; '.join(missing)}." if missing else "All cells computed."]
         out += precision_line(cfg, env)
-        lines = verdicts(cells, n_seeds, have)
+        lines = verdicts(cells, n_seeds, have, tasks)
         out += [""] + lines if lines else []
         if n_seeds > 1 and any(cells[key, "test"] for key in ROWS):  # what the paired verdicts are made of
             out += ["", "Test success per seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -424,7 +471,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                     "| method | " + " | ".join(f"{s} {m}" for s in have for m in ("steps", "invalid")) + " |",
                     "| --- |" + " --- |" * (2 * len(have))]
             out += [f"| {LABEL[key]} | " + " | ".join(mean_str(v, 2) for v in row) + " |" for key, row in zip(ROWS, steps)]
-        out += match_section(cfg, env)
+        out += match_section(cfg, env) + signals_section(cfg, env)
         if _REC["found"] == found:  # nothing of this env here: what the previous RESULTS.md showed, if anything
             out[start:] = previous(out, env) or out[start:]
         elif missing:  # made in part: the previous kept text of this env stays beneath
@@ -436,13 +483,15 @@ def mean_str(vals: dict[int, float], digits: int = 3) -> str:
     return f"{mean_spread(list(vals.values()))[0]:.{digits}f}" if vals else "—"
 
 
-def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen")) -> list[str]:
+def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: dict | None = None) -> list[str]:
     """One line per StepAgent method and baseline: does it beat it, on test and on test_unseen success.
 
     Paired by seed: every method of a seed starts from that seed's novice, so the seed-to-seed spread
     of the novice (large at this size) cancels in the per-seed differences; "beats it" only when it is
-    higher on every seed."""
-    lines = []
+    higher on every seed. Paired by task too, where tasks[key, split] gives {seed: solved task ids}:
+    both play the same tasks, so the tasks only one of the two solved (summed over seeds) say whether a
+    gap is more than chance (sign_test), which one seed alone cannot say by the spread."""
+    lines, tasks = [], tasks or {}
     for ours in OURS:
         for base in BASELINES:
             parts = []
@@ -455,8 +504,15 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen")) -> list[
                 (ma, _), (mb, _), (md, sd) = (mean_spread(list(x)) for x in (a.values(), b.values(), d))
                 k = sum(x > 0 for x in d)
                 paired = f"{k}/{len(d)} seeds higher; paired difference {md:+.3f} ± {sd:.3f}" if sd is not None else ""
-                word = "**does not beat it** (equal)" if ma == mb else \
-                    "higher, one seed (no spread over seeds to judge the gap by)" if sd is None and ma > mb else \
+                ta, tb = tasks.get((ours, split), {}), tasks.get((base, split), {})
+                if all(ta.get(s) is not None and tb.get(s) is not None for s in a):
+                    x = sum(len(set(ta[s]) - set(tb[s])) for s in a)
+                    y = sum(len(set(tb[s]) - set(ta[s])) for s in a)
+                    paired = "; ".join(filter(None, [paired, f"tasks solved by it alone {x}, by the other alone {y}: "
+                                                              f"sign test p = {sign_test(x, y):.2g}"]))
+                word = "**does not beat it** (equal" + (f"; {paired})" if paired else ")") if ma == mb else \
+                    "higher, one seed" + (f" ({paired})" if paired else " (no spread over seeds to judge the gap by)") \
+                    if sd is None and ma > mb else \
                     "**does not beat it**" + (f" ({paired})" if paired else "") if ma < mb else \
                     f"beats it on every seed ({paired})" if k == len(d) else \
                     f"higher on average, not on every seed ({paired})"
@@ -464,6 +520,13 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen")) -> list[
             if any("not computed" not in p for p in parts):
                 lines.append(f"- {LABEL[ours]} vs {LABEL[base]}: " + "; ".join(parts))
     return lines
+
+
+def sign_test(x: int, y: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) on x tasks solved by one method alone and y by
+    the other alone: the chance of a split at least this lopsided when either is equally likely."""
+    n = x + y
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(x, y) + 1)) / 2 ** n)
 
 
 def match_section(cfg: TableConfig, env: str, max_steps: int = 10) -> list[str]:
@@ -486,6 +549,30 @@ def match_section(cfg: TableConfig, env: str, max_steps: int = 10) -> list[str]:
     for name, r in rows:
         out.append(f"| {name} | " + " | ".join(f"{r[t]:.2f}" if t in r else "—" for t in range(width)) + " |")
     return out
+
+
+def signals_section(cfg: TableConfig, env: str) -> list[str]:
+    """What each method's training did per iteration (SIGNALS), mean over the seeds present."""
+    rows = []
+    for key in METHODS:
+        per = [x for s in ints(cfg.seeds) if (x := signals(cell_dir(cfg, env, s), key))]
+        for label, _, event in SIGNALS[key]:
+            cells = []
+            for it in map(str, range(1, cfg.iterations + 1)):
+                v = [x[it][label] for x in per if label in x.get(it, {})]
+                cells.append("—" if not v else f"{sum(v) / len(v):.3g}" if event else
+                             f"{sum(a for a, _ in v) / len(v):.3g} → {sum(b for _, b in v) / len(v):.3g}")
+            if set(cells) != {"—"}:
+                rows.append(f"| {LABEL[key]} | {label} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", f"Training signals per iteration (metrics.jsonl; mean over the seeds present; `a → b`: the mean of "
+                f"the iteration's first and of its last {EDGE} updates; one value: measured once per iteration, "
+                "the rollouts' success on the train tasks for ETO and PPO, D's accuracy and loss on all the "
+                "iteration's data after its D steps; clip fraction: the share of actions, tokens with --token_level, whose "
+                "probability ratio left 1 ± clip_eps):", "",
+            "| method | signal | " + " | ".join(f"iter {i}" for i in range(1, cfg.iterations + 1)) + " |",
+            "| --- | --- |" + " --- |" * cfg.iterations, *rows]
 
 
 # sweep -> (what it is against, column label, plot axis label)

@@ -89,6 +89,22 @@ def _invalid_expected(out, run, seeds=(0, 1)):
     return cells
 
 
+def _tasks_text(out, a, b, split="test", seeds=(0, 1)):
+    """The verdicts' per-task part: tasks only a solved, only b solved (by id, summed over seeds)."""
+    def ok(run, seed):
+        path = os.path.join(os.path.dirname(_summary_path(out, seed, run, split)), "trajectories.json")
+        return {r["task"]["id"] for r in json.load(open(path)) if r["reward"] == 1.0}  # hotpotqa: success = exact match
+    x = sum(len(ok(a, s) - ok(b, s)) for s in seeds)
+    y = sum(len(ok(b, s) - ok(a, s)) for s in seeds)
+    return f"tasks solved by it alone {x}, by the other alone {y}: sign test p = {R.sign_test(x, y):.2g}"
+
+
+def test_sign_test_by_hand():
+    # 3 vs 13 discordant: 2 * (C(16,0) + C(16,1) + C(16,2) + C(16,3)) / 2^16 = 2 * 697 / 65536
+    assert R.sign_test(3, 13) == R.sign_test(13, 3) == 2 * 697 / 65536
+    assert R.sign_test(0, 6) == 2 / 64 and R.sign_test(5, 5) == 1.0 and R.sign_test(0, 0) == 1.0
+
+
 def _fingerprint(out):
     files = sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl")) + glob.glob(os.path.join(out, "*", "*", "last", "*")))
     return {f: hashlib.md5(open(f, "rb").read()).hexdigest() for f in files}
@@ -111,6 +127,29 @@ def test_updates_count_only_a_finished_iteration(tmp_path):
     assert R.updates(str(tmp_path), "implicit", 1) == 2 and R.updates(str(tmp_path), "implicit", 2) is None
 
 
+def test_signals_by_hand(tmp_path):
+    """Training signals: an update signal is the mean of an iteration's first and last EDGE updates, an
+    event's its value; an unfinished iteration is left out; the table averages over the seeds present."""
+    cfg = R.TableConfig(out=str(tmp_path), envs="hotpotqa", seeds="0,1", iterations=2)
+    for seed, shift in ((0, 0.0), (1, 1.0)):
+        run = tmp_path / f"hotpotqa-seed{seed}" / "inverse"
+        run.mkdir(parents=True)
+        d = [{"step": s, "iteration": 1, "losses/disc": 9.0} for s in (1, 2)]  # D steps carry no clip_frac
+        pg = [{"step": 2 + s, "iteration": 1, "policy/clip_frac": s + shift} for s in range(1, 8)]  # 1..7 (+1)
+        ev = [{"event": "disc", "iteration": 1, "disc/acc_expert": 0.25 + shift, "losses/disc": 0.5},
+              {"event": "iteration", "iteration": 1}, {"step": 10, "iteration": 2, "policy/clip_frac": 100.0}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in d + ev[:1] + pg + ev[1:]))
+    got = R.signals(str(tmp_path / "hotpotqa-seed0"), "inverse")
+    assert list(got) == ["1"]  # iteration 2 has not finished
+    assert got["1"]["clip fraction"] == [3.0, 5.0]  # mean(1..5), mean(3..7)
+    assert got["1"]["D accuracy on expert actions"] == 0.25 and got["1"]["D loss"] == 0.5
+    assert "D accuracy on agent actions" not in got["1"]
+    rows = {x.split(" | ")[1]: x for x in R.signals_section(cfg, "hotpotqa") if x.startswith("| StepAgent-Inverse")}
+    assert rows["clip fraction"] == "| StepAgent-Inverse | clip fraction | 3.5 → 5.5 | — |"  # seeds 3 -> 5, 4 -> 6
+    assert rows["D accuracy on expert actions"] == "| StepAgent-Inverse | D accuracy on expert actions | 0.75 | — |"
+    assert set(rows) == {"clip fraction", "D accuracy on expert actions", "D loss"}
+
+
 def test_table_end_to_end(tmp_path):
     out, res = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
     cmd = ["table", *TABLE, "--out", out, "--results", res]
@@ -127,6 +166,9 @@ def test_table_end_to_end(tmp_path):
     sft = [json.loads(x) for x in open(os.path.join(out, "hotpotqa-seed1", "sft-continued", "metrics.jsonl"))]
     assert [x["trajectories"] for x in sft if "losses/sft" in x] == [3, 3, 3, 3]
     assert "StepAgent-Implicit, inspection 2 (2 seeds)" in md  # match rate per step index
+    signal = [x for x in md.split("### hotpotqa")[1].splitlines() if x.startswith("| ") and " | DPO loss | " in x]
+    assert [x.split(" | ")[0] for x in signal] == ["| ETO", "| StepAgent-Implicit"]  # and D's accuracy per iteration:
+    assert next(x for x in md.splitlines() if "| D accuracy on expert actions |" in x).count(" | ") == 3
     assert _invalid_rows(md) == {R.LABEL[run]: _invalid_expected(out, run) for run in R.ROWS}
     # an evaluation made before summary.json recorded invalid_share: counted from its trajectories
     path = _summary_path(out, 0, "eto", "test")
@@ -156,6 +198,12 @@ def test_table_end_to_end(tmp_path):
         _edit(_summary_path(out, seed, "implicit", "test"), success_rate=succ)
     for seed, succ in enumerate([0.0, 1.0]):
         _edit(_summary_path(out, seed, "inverse", "test"), success_rate=succ)
+    for seed, run, solved in ((0, "implicit", [0]), (1, "eto", [0, 1]), (1, "implicit", [1])):  # per-task counts
+        trajs = os.path.join(os.path.dirname(_summary_path(out, seed, run, "test")), "trajectories.json")
+        recs = json.load(open(trajs))
+        for i in solved:
+            recs[i].update(success=True, reward=1.0)
+        json.dump(recs, open(trajs, "w"))
     for seed in (0, 1):
         os.remove(_summary_path(out, seed, "ppo-outcome", "test_unseen"))
     os.remove(_summary_path(out, 1, "inverse", "test_unseen"))
@@ -171,12 +219,15 @@ def test_table_end_to_end(tmp_path):
     assert "Not computed yet: outcome-PPO test_unseen (seed 0, 1); StepAgent-Inverse test_unseen (seed 1)." in md
     verdict = {x.split(":")[0]: x for x in md.splitlines() if x.startswith("- StepAgent-")}
     # paired by seed: 1.0 - 0.5 and 0.5 - 0.0 beat ETO on both seeds though the means' spreads overlap
+    # (the summaries were edited, the trajectories not: the per-task counts are the trajectories')
     assert verdict["- StepAgent-Implicit vs ETO"].startswith(
         "- StepAgent-Implicit vs ETO: test success 0.750 vs 0.250, beats it on every seed "
-        "(2/2 seeds higher; paired difference +0.500 ± 0.000); test_unseen success")
+        f"(2/2 seeds higher; paired difference +0.500 ± 0.000; {_tasks_text(out, 'implicit', 'eto')}); test_unseen success")
+    assert "tasks solved by it alone 1, by the other alone 1: sign test p = 1" in verdict["- StepAgent-Implicit vs ETO"]
     assert verdict["- StepAgent-Inverse vs ETO"] == (  # 0.0 - 0.5 and 1.0 - 0.0
         "- StepAgent-Inverse vs ETO: test success 0.500 vs 0.250, higher on average, not on every seed "
-        f"(1/2 seeds higher; paired difference +0.250 ± {math.sqrt(1.125):.3f}); test_unseen: not computed yet")
+        f"(1/2 seeds higher; paired difference +0.250 ± {math.sqrt(1.125):.3f}; {_tasks_text(out, 'inverse', 'eto')}); "
+        "test_unseen: not computed yet")
     assert verdict["- StepAgent-Inverse vs outcome-PPO"].endswith("; test_unseen: not computed yet")
     assert "| ETO | 0.500 | 0.000 |" in md and "| StepAgent-Implicit | 1.000 | 0.500 |" in md  # per seed
 
