@@ -30,7 +30,9 @@ evaluations and checkpoints are cached, so rerunning a command after an interrup
 finished cells cost nothing. Cells
 run seed by seed (every env's seed 0, then every env's seed 1, ...), so a partial table spans the envs.
 The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
-whose per-iteration success RESULTS.md shows too). Spread = the sample standard deviation over seeds
+whose per-iteration success RESULTS.md shows too). Beside the cells, each env block shows what
+the runs did (steps and invalid share, expert-action match rates per step, the training signals of
+SIGNALS) and verdicts paired by seed and by task (`verdicts`, `sign_test`). Spread = the sample standard deviation over seeds
 (n - 1 in the denominator); a cell with one seed shows the value alone. A preset other than tiny
 (`--preset smollm2`, or a model folder) keeps its cells in <out>/<preset>/<env>-seed<seed> and gets a
 section of its own in RESULTS.md; an env without a test_unseen split (scienceworld,
