@@ -490,18 +490,21 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: d
 
     Paired by seed: every method of a seed starts from that seed's novice, so the seed-to-seed spread
     of the novice (large at this size) cancels in the per-seed differences; "beats it" only when it is
-    higher on every seed. Paired by task too, where tasks[key, split] gives {seed: solved task ids}:
-    both play the same tasks, so the tasks only one of the two solved (summed over seeds) say whether a
-    gap is more than chance (sign_test), which one seed alone cannot say by the spread."""
+    higher on every seed. A block made in part is judged on the seeds both have, and says which.
+    Paired by task too, where tasks[key, split] gives {seed: solved task ids}: both play the same
+    tasks, so the tasks only one of the two solved (summed over seeds) say whether a gap is more than
+    chance (sign_test), which one seed alone cannot say by the spread."""
     lines, tasks = [], tasks or {}
     for ours in OURS:
         for base in BASELINES:
             parts = []
             for split in splits:
-                a, b = cells[ours, split], cells[base, split]
-                if len(a) < n_seeds or len(b) < n_seeds:
+                both = sorted(set(cells[ours, split]) & set(cells[base, split]))
+                if not both:
                     parts.append(f"{split}: not computed yet")
                     continue
+                a, b = ({s: cells[k, split][s] for s in both} for k in (ours, base))
+                some = "" if len(both) == n_seeds else f" (seed{'s' * (len(both) > 1)} {', '.join(map(str, both))} so far)"
                 d = [a[s] - b[s] for s in sorted(a)]
                 (ma, _), (mb, _), (md, sd) = (mean_spread(list(x)) for x in (a.values(), b.values(), d))
                 k = sum(x > 0 for x in d)
@@ -518,7 +521,7 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: d
                     "**does not beat it**" + (f" ({paired})" if paired else "") if ma < mb else \
                     f"beats it on every seed ({paired})" if k == len(d) else \
                     f"higher on average, not on every seed ({paired})"
-                parts.append(f"{split} success {ma:.3f} vs {mb:.3f}, {word}")
+                parts.append(f"{split}{some} success {ma:.3f} vs {mb:.3f}, {word}")
             if any("not computed" not in p for p in parts):
                 lines.append(f"- {LABEL[ours]} vs {LABEL[base]}: " + "; ".join(parts))
     return lines
