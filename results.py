@@ -66,6 +66,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -341,8 +342,8 @@ def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
 
 
 # What each method's metrics.jsonl says of its training, per finished iteration: (row label, key, event).
-# An update signal (event None) is shown as the mean of the iteration's first and last EDGE updates that
-# carry the key; an event's signal once per iteration (ETO's and PPO's sampled rollouts on the train tasks;
+# An update signal (event None) is shown as the median of the iteration's first and of its last EDGE
+# updates that carry the key (a median: the per-token KL of one batch can be a hundred times the next's); an event's signal once per iteration (ETO's and PPO's sampled rollouts on the train tasks;
 # D's accuracy and loss on all the iteration's data after its D steps).
 DPO_SIGNALS = [("DPO loss", "losses/dpo", None), ("DPO reward accuracy", "rewards/accuracy", None),
                ("DPO margin", "rewards/margins", None), ("expert log-prob (chosen side)", "logps/expert", None)]
@@ -360,7 +361,7 @@ EDGE = 5
 
 
 def signals(cell: str, key: str) -> dict | None:
-    """{str(iteration): {label: value, or [mean of the first EDGE, of the last EDGE updates]}} over run
+    """{str(iteration): {label: value, or [median of the first EDGE, of the last EDGE updates]}} over run
     key's finished iterations (SIGNALS), from its metrics.jsonl."""
     path = os.path.join(cell, key, "metrics.jsonl")
 
@@ -374,7 +375,7 @@ def signals(cell: str, key: str) -> dict | None:
                 if v and event:
                     row[label] = v[-1]
                 elif v:
-                    row[label] = [sum(v[:EDGE]) / len(v[:EDGE]), sum(v[-EDGE:]) / len(v[-EDGE:])]
+                    row[label] = [statistics.median(v[:EDGE]), statistics.median(v[-EDGE:])]
             out[str(it)] = row
         return out
     return kept(cell, path, read, "#signals")
@@ -571,8 +572,8 @@ def signals_section(cfg: TableConfig, env: str) -> list[str]:
                 rows.append(f"| {LABEL[key]} | {label} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    return ["", f"Training signals per iteration (metrics.jsonl; mean over the seeds present; `a → b`: the mean of "
-                f"the iteration's first and of its last {EDGE} updates; one value: measured once per iteration, "
+    return ["", f"Training signals per iteration (metrics.jsonl; mean over the seeds present; `a → b`: the median "
+                f"of the iteration's first and of its last {EDGE} updates; one value: measured once per iteration, "
                 "the rollouts' success on the train tasks for ETO and PPO, D's accuracy and loss on all the "
                 "iteration's data after its D steps; clip fraction: the share of actions, tokens with --token_level, whose "
                 "probability ratio left 1 ± clip_eps):", "",

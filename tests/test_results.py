@@ -128,24 +128,25 @@ def test_updates_count_only_a_finished_iteration(tmp_path):
 
 
 def test_signals_by_hand(tmp_path):
-    """Training signals: an update signal is the mean of an iteration's first and last EDGE updates, an
+    """Training signals: an update signal is the median of an iteration's first and last EDGE updates, an
     event's its value; an unfinished iteration is left out; the table averages over the seeds present."""
     cfg = R.TableConfig(out=str(tmp_path), envs="hotpotqa", seeds="0,1", iterations=2)
     for seed, shift in ((0, 0.0), (1, 1.0)):
         run = tmp_path / f"hotpotqa-seed{seed}" / "inverse"
         run.mkdir(parents=True)
         d = [{"step": s, "iteration": 1, "losses/disc": 9.0} for s in (1, 2)]  # D steps carry no clip_frac
-        pg = [{"step": 2 + s, "iteration": 1, "policy/clip_frac": s + shift} for s in range(1, 8)]  # 1..7 (+1)
+        pg = [{"step": 2 + s, "iteration": 1, "policy/clip_frac": (50 if s == 5 else s) + shift}
+              for s in range(1, 8)]  # 1, 2, 3, 4, 50, 6, 7 (+1): a spike the medians pass over
         ev = [{"event": "disc", "iteration": 1, "disc/acc_expert": 0.25 + shift, "losses/disc": 0.5},
               {"event": "iteration", "iteration": 1}, {"step": 10, "iteration": 2, "policy/clip_frac": 100.0}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in d + ev[:1] + pg + ev[1:]))
     got = R.signals(str(tmp_path / "hotpotqa-seed0"), "inverse")
     assert list(got) == ["1"]  # iteration 2 has not finished
-    assert got["1"]["clip fraction"] == [3.0, 5.0]  # mean(1..5), mean(3..7)
+    assert got["1"]["clip fraction"] == [3.0, 6.0]  # median(1, 2, 3, 4, 50), median(3, 4, 50, 6, 7)
     assert got["1"]["D accuracy on expert actions"] == 0.25 and got["1"]["D loss"] == 0.5
     assert "D accuracy on agent actions" not in got["1"]
     rows = {x.split(" | ")[1]: x for x in R.signals_section(cfg, "hotpotqa") if x.startswith("| StepAgent-Inverse")}
-    assert rows["clip fraction"] == "| StepAgent-Inverse | clip fraction | 3.5 → 5.5 | — |"  # seeds 3 -> 5, 4 -> 6
+    assert rows["clip fraction"] == "| StepAgent-Inverse | clip fraction | 3.5 → 6.5 | — |"  # seeds 3 -> 6, 4 -> 7
     assert rows["D accuracy on expert actions"] == "| StepAgent-Inverse | D accuracy on expert actions | 0.75 | — |"
     assert set(rows) == {"clip fraction", "D accuracy on expert actions", "D loss"}
 
