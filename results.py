@@ -32,9 +32,9 @@ run seed by seed (every env's seed 0, then every env's seed 1, ...), so a partia
 The reported model is always the last iteration's (no choice is made on test numbers; tune on dev,
 whose per-iteration success RESULTS.md shows too). Beside the cells, each env block shows what
 the runs did (steps and invalid share, expert-action match rates per step, the training signals of
-SIGNALS) and verdicts paired by seed and by task (`verdicts`, `sign_test`). Spread = the sample standard deviation over seeds
-(n - 1 in the denominator); a cell with one seed shows the value alone. A preset other than tiny
-(`--preset smollm2`, or a model folder) keeps its cells in <out>/<preset>/<env>-seed<seed> and gets a
+SIGNALS) and verdicts paired by seed and by task (`verdicts`, `sign_test`). Spread = the sample
+standard deviation over seeds (n - 1 in the denominator); a cell with one seed shows the value
+alone. A preset other than tiny (`--preset smollm2`, or a model folder) keeps its cells in <out>/<preset>/<env>-seed<seed> and gets a
 section of its own in RESULTS.md; an env without a test_unseen split (scienceworld,
 textworld-express) shows n/a there and is judged on test alone.
 
@@ -343,15 +343,16 @@ def match_by_step(cell: str, name: str, it: int) -> dict[int, float] | None:
 
 # What each method's metrics.jsonl says of its training, per finished iteration: (row label, key, event).
 # An update signal (event None) is shown as the median of the iteration's first and of its last EDGE
-# updates that carry the key (a median: the per-token KL of one batch can be a hundred times the next's); an event's signal once per iteration (ETO's and PPO's sampled rollouts on the train tasks;
+# updates that carry the key (a median: the per-token KL of one batch can be a hundred times the
+# next's); an event's signal once per iteration (ETO's and PPO's sampled rollouts on the train tasks;
 # D's accuracy and loss on all the iteration's data after its D steps).
 DPO_SIGNALS = [("DPO loss", "losses/dpo", None), ("DPO reward accuracy", "rewards/accuracy", None),
                ("DPO margin", "rewards/margins", None), ("expert log-prob (chosen side)", "logps/expert", None)]
 SIGNALS = {
     "sft-continued": [("SFT loss", "losses/sft", None)],
     "eto": [("rollout success (train tasks)", "success", "explore"), *DPO_SIGNALS],
-    "ppo-outcome": [("rollout success (train tasks)", "success", "explore"), ("KL to the sampling policy, per token", "losses/kl", None),
-                    ("clip fraction", "policy/clip_frac", None)],
+    "ppo-outcome": [("rollout success (train tasks)", "success", "explore"),
+                    ("KL to the sampling policy, per token", "losses/kl", None), ("clip fraction", "policy/clip_frac", None)],
     "implicit": DPO_SIGNALS,
     "inverse": [("D accuracy on expert actions", "disc/acc_expert", "disc"),
                 ("D accuracy on agent actions", "disc/acc_agent", "disc"), ("D loss", "losses/disc", "disc"),
@@ -436,7 +437,8 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                     row += ["n/a", "n/a"]
                     continue
                 cells[key, split] = values(cfg, env, key, split, "success_rate")
-                tasks[key, split] = {s: solved(cell_dir(cfg, env, s), key, split, cfg.iterations) for s in cells[key, split]}
+                tasks[key, split] = {s: solved(cell_dir(cfg, env, s), key, split, cfg.iterations)
+                                     for s in cells[key, split]}
                 row += [fmt(cells[key, split], n_seeds), fmt(values(cfg, env, key, split, "avg_reward"), n_seeds)]
                 gone = [s for s in seeds if s not in cells[key, split]]
                 if gone:
@@ -575,8 +577,8 @@ def signals_section(cfg: TableConfig, env: str) -> list[str]:
     return ["", f"Training signals per iteration (metrics.jsonl; mean over the seeds present; `a → b`: the median "
                 f"of the iteration's first and of its last {EDGE} updates; one value: measured once per iteration, "
                 "the rollouts' success on the train tasks for ETO and PPO, D's accuracy and loss on all the "
-                "iteration's data after its D steps; clip fraction: the share of actions, tokens with --token_level, whose "
-                "probability ratio left 1 ± clip_eps):", "",
+                "iteration's data after its D steps; clip fraction: the share of actions, tokens with "
+                "--token_level, whose probability ratio left 1 ± clip_eps):", "",
             "| method | signal | " + " | ".join(f"iter {i}" for i in range(1, cfg.iterations + 1)) + " |",
             "| --- | --- |" + " --- |" * cfg.iterations, *rows]
 
