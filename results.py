@@ -34,8 +34,8 @@ whose per-iteration success RESULTS.md shows too). Beside the cells, each env bl
 the runs did (steps and invalid share, expert-action match rates per step, the training signals of
 SIGNALS) and verdicts paired by seed and by task (`verdicts`, `sign_test`). Spread = the sample
 standard deviation over seeds (n - 1 in the denominator); a cell with one seed shows the value
-alone. A preset other than tiny (`--preset smollm2`, or a model folder) keeps its cells in <out>/<preset>/<env>-seed<seed> and gets a
-section of its own in RESULTS.md; an env without a test_unseen split (scienceworld,
+alone. A preset other than tiny (`--preset smollm2`, or a model folder) keeps its cells in
+<out>/<preset>/<env>-seed<seed> and gets a section of its own in RESULTS.md; an env without a test_unseen split (scienceworld,
 textworld-express) shows n/a there and is judged on test alone.
 
 Equal budgets. Every method sees the same data per iteration: the same window of n_inspect expert
