@@ -300,8 +300,14 @@ def fmt(vals: dict[int, float], n_seeds: int) -> str:
 def updates(cell: str, name: str, iterations: int) -> int | None:
     """Optimiser steps (StepAgent-Inverse: D steps + policy steps) through iteration `iterations`."""
     if name == "novice":
-        path = os.path.join(cell, "sft", "trainer_state.json")
-        return kept(cell, path, lambda: json.load(open(path))["step"])
+        path, made = os.path.join(cell, "sft", "trainer_state.json"), os.path.join(cell, "novice.json")
+
+        def read_novice():  # its epochs as train_sft counts them (pretrain_epochs: the tiny preset's only)
+            state, opts = json.load(open(path)), json.load(open(made)) if os.path.exists(made) else None
+            if opts and state["epoch"] < opts["sft_epochs"] + opts.get("pretrain_epochs", 0):
+                return None  # still training: not the budget yet (novices older than novice.json all finished)
+            return state["step"]
+        return kept(cell, path, read_novice)
     path = os.path.join(cell, name, "metrics.jsonl")
 
     def read():

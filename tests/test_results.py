@@ -125,6 +125,12 @@ def test_updates_count_only_a_finished_iteration(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "iteration", "iteration": 1, "test_success": 0.1}) + "\n")
     assert R.updates(str(tmp_path), "implicit", 1) == 2 and R.updates(str(tmp_path), "implicit", 2) is None
+    # the novice likewise: 2 pretraining + 4 SFT epochs (novice.json), stopped after epoch 3 of them
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "novice.json").write_text(json.dumps({"preset": "tiny", "sft_epochs": 4, "pretrain_epochs": 2}))
+    for epoch, want in ((3, None), (6, 750)):
+        (tmp_path / "sft" / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": 125 * epoch}))
+        assert R.updates(str(tmp_path), "novice", 2) == want
 
 
 def test_signals_by_hand(tmp_path):
