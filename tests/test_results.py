@@ -289,6 +289,12 @@ def test_sweep_k_micro(tmp_path, monkeypatch):
     if importlib.util.find_spec("matplotlib"):
         assert "![test success against the practice number K](results/sweep-k.png)" in md
         assert open(tmp_path / "results" / "sweep-k.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # its run folders gone (a fresh clone): records.json keeps them relative to the sweep's own --out,
+    # so a report from another --out (the default folder, say, where the table is made) still finds them
+    shutil.move(out, out + "-elsewhere")
+    _run(["report", "--out", str(tmp_path / "table-runs"), "--results", res], script="results.py")
+    assert open(res).read().split("## Sweep")[1] == md.split("## Sweep")[1]
+    shutil.move(out + "-elsewhere", out)
     # the plot needs matplotlib; without it (an import that fails) the report says so and still writes
     block.mkdir()
     (block / "matplotlib.py").write_text("raise ImportError('blocked for the test')\n")
