@@ -911,9 +911,9 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         novice (SFT, cached) -> for it in 1..I: collect -> reflect -> dev + test evaluation -> checkpoint
 
     Files in <out>/<method.name>: metrics.jsonl (one line per optimiser step, plus iteration events, and a
-    reevaluation event when a saved iteration's evaluation is re-run),
-    collect-<it>.pt, eval-iter<it>-{dev,test}/ (summary.json, trajectories.json), iter<it>/ (the
-    policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
+    reevaluation event when a saved iteration's evaluation is re-run), collect-<it>.pt (and its
+    wall time, collect-<it>-seconds.json), eval-iter<it>-{dev,test}/ (summary.json, trajectories.json),
+    iter<it>/ (the policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
     written every save_every steps). Rerunning the same command after a crash or kill -9 resumes
     from last/ and ends with the same numbers as an uninterrupted run. Returns the table rows.
 
@@ -950,34 +950,43 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                                                  "method.pt": method.state_dict()})
 
     for it in range(cfg.iterations):
-        timed = {}  # wall seconds of this process's collect / reflect (a resumed run times what it redid)
+        # wall seconds of this iteration's collect / reflect, kept in last/'s trainer_state.json so that a
+        # resumed run's iteration line counts the time before the restart too
+        timed = dict(state.get("timed", {})) if it == state["iteration"] and state["step"] else {}
         if it > state["iteration"] or (it == state["iteration"] and not state["done"]):
             path = os.path.join(run, f"collect-{it + 1}.pt")
-            t0 = time.time()
+            t0, took = time.time(), os.path.join(run, f"collect-{it + 1}-seconds.json")  # its time beside it
             if os.path.exists(path):
                 data = torch.load(path, weights_only=False)
+                if os.path.exists(took):
+                    timed.update(json.load(open(took)))
             else:
                 seed_all(cfg.seed * 1000 + it)
                 g = torch.Generator(device=model.device).manual_seed(P.rank_seed(cfg.seed * 1000 + it))
                 data = method.collect(P.replica(model), tok, it, g)  # the same on every rank (gathered)
+                timed["collect_seconds"] = round(time.time() - t0, 1)
                 if P.is_main():
                     atomic_torch_save(data, path)
-                timed["collect_seconds"] = round(time.time() - t0, 1)
+                    envs.write_json(took, {"collect_seconds": timed["collect_seconds"]})
             n = method.n_updates(data)
             first = state["batch"] if state["iteration"] == it else 0
-            t0 = time.time()
+            t0, before = time.time(), (timed.get("reflect_seconds", 0.0), timed.get("timed_updates", 0))
+
+            def clock(done: int) -> None:  # the reflection's time and updates so far, restarts included
+                timed.update(reflect_seconds=round(before[0] + time.time() - t0, 1), timed_updates=before[1] + done - first)
             model.train()
             bar = tqdm(range(first, n), desc=f"reflect {it + 1}/{cfg.iterations}", dynamic_ncols=True,
                        disable=not P.is_main())
             for b in bar:
                 m = method.update(model, opt, data, b, it)
-                state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n}
+                state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n, "timed": timed}
                 log.write(step=state["step"], iteration=it + 1, **m)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(m.items())[:2]})
                 if b + 1 < n and cfg.save_every and (b + 1) % cfg.save_every == 0:
+                    clock(b + 1)
                     save()
-            state = {**state, "iteration": it, "done": True}
-            timed.update(reflect_seconds=round(time.time() - t0, 1), timed_updates=n - first)
+            clock(n)
+            state = {**state, "iteration": it, "done": True, "timed": timed}
             save()
         ckpt = os.path.join(run, f"iter{it + 1}")
         saved = os.path.exists(os.path.join(ckpt, "config.json"))

@@ -140,6 +140,10 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     assert [x["step"] for x in steps_a] == [x["step"] for x in steps_b] == list(range(1, len(steps_a) + 1))
     for x, y in zip(steps_a, steps_b):
         assert abs(x["losses/dpo"] - y["losses/dpo"]) < 1e-6 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+    # iteration 2's line times its whole collect and reflection, the part before the kill included
+    (ia,), (ib,) = ([x for x in m if x.get("event") == "iteration" and x["iteration"] == 2] for m in (ma, mb))
+    assert ib["timed_updates"] == ia["timed_updates"] == sum(x["iteration"] == 2 for x in steps_a)
+    assert ib["collect_seconds"] > 0 and ib["reflect_seconds"] > 0
     sa, sb = (json.load(open(os.path.join(d, "implicit", "eval-iter2-test", "summary.json"))) for d in (a, b))
     assert {k: v for k, v in sa.items() if k != "seconds"} == {k: v for k, v in sb.items() if k != "seconds"}
     wa, wb = (load_file(os.path.join(d, "implicit", "iter2", "model.safetensors")) for d in (a, b))
