@@ -5,6 +5,7 @@
     python bench.py inspect    # prefix-shared practice sampling vs a fresh prefill per state
     python bench.py score      # packed scoring vs one forward per (state, action)
     python bench.py dpo        # one packed step-DPO optimiser step vs the per-pair formulation
+    python bench.py pad        # a long and a short row in one update: one padded forward vs length groups
     python bench.py rollout    # multi-turn rollouts with keys/values kept across turns vs re-prefilled
     python bench.py amp        # a training step under bf16 autocast vs fp32 on this CPU (what --amp auto picks)
     python bench.py all        # everything above (the README's table)
@@ -228,6 +229,64 @@ def bench_score(a) -> None:
                 t_p, t_n = timeit(packed, a.repeat), timeit(naive, max(1, a.repeat - 1))
             model.zero_grad(set_to_none=True)
             row(name, "forward+backward" if grad else "forward", f"{t_p:.2f}", f"{t_n:.2f}", f"{t_n / t_p:.1f}x")
+
+
+def _pad_step(q, path: str, jobs: list[tuple], slack: float, repeat: int, threads: int) -> None:
+    """In a fresh process (so its peak RSS is its own): forward + backward of score_packed on jobs."""
+    import resource
+
+    import stepagent as S
+
+    torch.set_num_threads(threads)
+    model, _ = M.load_model(path)
+    model.train()
+    rows = [S.pack_row(*j) for j in jobs]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+
+    def fn():
+        loss = sum(e.sum() - c.sum() for e, c in S.score_packed(model, rows, slack))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    t = timeit(fn, repeat)
+    q.put((t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20, fn()))
+
+
+def bench_pad(a) -> None:
+    """The step-DPO scoring pass (forward + backward) on a batch of one long and one short packed row,
+    the mix that ScienceWorld's traj_batch 2 gives (7,012 and 716 tokens in one update): one padded
+    forward vs score_packed's length groups, each in its own process."""
+    import math
+    import multiprocessing
+    import tempfile
+
+    import stepagent as S
+
+    print("\n## long and short rows in one update: one padded forward vs length groups (forward + backward)\n")
+    row("model", "row tokens", "tokens forwarded, padded / grouped", "padded (s)", "grouped (s)", "speed-up",
+        "peak RSS growth, padded / grouped (GiB)", "same loss")
+    row(*["---"] * 8)
+    for name, model, tok, recs in models_for_bench(a):
+        if name.startswith("tiny"):
+            path = tempfile.mkdtemp()
+            M.save_model(model, tok, path)
+        else:
+            path = smollm2_dir(a.smollm2)
+        ids, spans, cands = score_jobs(tok, recs[:1], a.k)[0]  # 10 states, K candidates each
+        jobs = [(ids, spans, cands), (ids[:spans[0][1]], spans[:1], [c for c in cands if c[0] == 0])]
+        lens = [len(S.pack_row(*j)[0]) for j in jobs]
+        out = {}
+        for slack in (math.inf, 0.5):
+            ctx = multiprocessing.get_context("spawn")
+            q = ctx.Queue()
+            p = ctx.Process(target=_pad_step, args=(q, path, jobs, slack, a.repeat, a.threads))
+            p.start()
+            out[slack] = q.get()
+            p.join()
+        (tp, mp, lp), (tg, mg, lg) = out[math.inf], out[0.5]
+        row(name, " + ".join(map(str, lens)), f"{len(lens) * max(lens)} / {sum(lens)}", f"{tp:.2f}", f"{tg:.2f}",
+            f"{tp / tg:.2f}x", f"{mp:.2f} / {mg:.2f}", "yes" if math.isclose(lp, lg, rel_tol=1e-5) else f"no: {lp} vs {lg}")
 
 
 def bench_rollout(a) -> None:
@@ -500,7 +559,7 @@ def bench_train(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "rollout", "amp", "train", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "pad", "rollout", "amp", "train", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -518,7 +577,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
-                     ("dpo", bench_dpo), ("rollout", bench_rollout), ("amp", bench_amp), ("train", bench_train)):
+                     ("dpo", bench_dpo), ("pad", bench_pad), ("rollout", bench_rollout), ("amp", bench_amp), ("train", bench_train)):
         if a.what == name or (a.what == "all" and name != "train"):  # train: a GPU bench
             fn(a)
 

@@ -19,6 +19,8 @@ in the log); in rollouts the oldest observation/action pairs are dropped instead
 Speed (DESIGN §4): the K practices of every state of one trajectory are sampled together from a
 single prefill of the whole expert trajectory (`sample_practice`), and scoring packs the expert
 trajectory and all candidates into one row (`pack_row`); the naive versions are kept as references.
+Rows of similar length are forwarded as one padded batch; a row far shorter than the batch's
+longest gets a forward of its own (`length_groups`), so it is not padded to thousands of tokens.
 
 Several processes (`torchrun --nproc_per_node N`, any script; the helpers are in parallel.py): each
 rank plays its shard of the evaluation tasks and rollouts and inspects its shard of the
@@ -791,16 +793,50 @@ def pad_rows(rows: list[tuple], device):
     return tokens.to(device), targets.to(device), pos.to(device), mask.to(device), src.clamp(min=0).to(device)
 
 
-def score_packed(model, rows: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Summed log-probs of every expert action and every candidate, one forward for all rows
-    (right-padded to a common length). Returns per row (expert (T,), candidates (C,)), with grad."""
-    lp = M.token_logprobs(model, *pad_rows(rows, model.device))
-    out = []
-    for i, (_, _, _, _, _, ecols, ccols) in enumerate(rows):
-        e = torch.stack([lp[i, a:b].sum() for a, b in ecols]) if ecols else lp.new_zeros(0)
-        c = torch.stack([lp[i, a:b].sum() for a, b in ccols]) if ccols else lp.new_zeros(0)
-        out.append((e, c))
+def length_groups(lens: list[int], slack: float = 0.5) -> list[list[int]]:
+    """Which rows to forward together: all of them, in order, while padding each to the longest adds
+    at most `slack` of their tokens (rows of similar length keep one batched forward, what a GPU
+    wants); otherwise longest first, a row joining the open group while the group still pads within
+    slack. A 7,000-token ScienceWorld trajectory then no longer pads a 700-token one to its length:
+    fewer tokens, and less activation memory held for backward."""
+    def fits(g: list[int]) -> bool:
+        return len(g) * max(lens[i] for i in g) <= (1 + slack) * sum(lens[i] for i in g)
+    rows = list(range(len(lens)))
+    if not rows or fits(rows):
+        return [rows]
+    groups: list[list[int]] = []
+    for i in sorted(rows, key=lambda i: -lens[i]):
+        if groups and fits(groups[-1] + [i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def by_length(model, rows: list[tuple], forward, slack: float = 0.5) -> list:
+    """forward(some rows) -> one output per row, run once per length_groups group of pack_row rows;
+    the outputs in the rows' order. Under --fsdp always one forward: every rank must make the same
+    forwards, each of which gathers the weights with the other ranks."""
+    out = [None] * len(rows)
+    for g in length_groups([len(r[0]) for r in rows], math.inf if P.is_fsdp(model) else slack):
+        for i, o in zip(g, forward([rows[i] for i in g])):
+            out[i] = o
     return out
+
+
+def score_packed(model, rows: list[tuple], slack: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Summed log-probs of every expert action and every candidate, one forward for all rows
+    (right-padded to a common length; rows of very different lengths in separate forwards,
+    `length_groups`; slack=math.inf: always one). Returns per row (expert (T,), candidates (C,)), with grad."""
+    def forward(rows):
+        lp = M.token_logprobs(model, *pad_rows(rows, model.device))
+        out = []
+        for i, (_, _, _, _, _, ecols, ccols) in enumerate(rows):
+            e = torch.stack([lp[i, a:b].sum() for a, b in ecols]) if ecols else lp.new_zeros(0)
+            c = torch.stack([lp[i, a:b].sum() for a, b in ccols]) if ccols else lp.new_zeros(0)
+            out.append((e, c))
+        return out
+    return by_length(model, rows, forward, slack)
 
 
 def score_naive(model, traj, spans, cands):

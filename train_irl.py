@@ -152,13 +152,15 @@ def disc_logits(body, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Te
     """D's logits f(s, a) of every expert action and candidate of packed rows, one forward: the head on
     the backbone's hidden state at each action's last column (its end-of-turn token). Returns per row
     (expert (T,), candidates (C,)) in fp32, as score_packed does for log-probs."""
-    tokens, _, pos, mask, _ = S.pad_rows(rows, body.device)
-    h = body.hidden(tokens, pos, mask)  # (B, N, dim)
-    out = []
-    for i, (*_, ecols, ccols) in enumerate(rows):
-        z = head(h[i, [e - 1 for _, e in ecols + ccols]]).float().squeeze(-1)  # (T + C,)
-        out.append((z[:len(ecols)], z[len(ecols):]))
-    return out
+    def forward(rows):
+        tokens, _, pos, mask, _ = S.pad_rows(rows, body.device)
+        h = body.hidden(tokens, pos, mask)  # (B, N, dim)
+        out = []
+        for i, (*_, ecols, ccols) in enumerate(rows):
+            z = head(h[i, [e - 1 for _, e in ecols + ccols]]).float().squeeze(-1)  # (T + C,)
+            out.append((z[:len(ecols)], z[len(ecols):]))
+        return out
+    return S.by_length(body, rows, forward)
 
 
 def action_tokens(model, rows: list[tuple], own: bool):
@@ -166,21 +168,26 @@ def action_tokens(model, rows: list[tuple], own: bool):
     actions, pack_row's expert columns): log-probs (N,) with grad, the next-token distribution's
     entropy (N,) without, and each token's action index (N,), actions numbered across rows in order.
     score_packed's computation, kept per token."""
-    tokens, _, pos, mask, src = S.pad_rows(rows, model.device)
-    act = torch.full(tokens.shape, -1, dtype=torch.long)
-    n = 0
+    def forward(rows):  # per row: (log-probs, entropies, action index within the row)
+        tokens, _, pos, mask, src = S.pad_rows(rows, model.device)
+        act = torch.full(tokens.shape, -1, dtype=torch.long)
+        for i, (*_, ecols, ccols) in enumerate(rows):
+            for n, (a, b) in enumerate(ecols if own else ccols):
+                act[i, a:b] = n
+        b_idx, t_idx = (act >= 0).nonzero(as_tuple=True)
+        b_idx, t_idx, act = b_idx.to(model.device), t_idx.to(model.device), act.to(model.device)
+        h = model.hidden(tokens, pos, mask)  # (B, N, dim)
+        logp = model.lm_head(h[b_idx, src[b_idx, t_idx]]).float().log_softmax(-1)  # (N, V)
+        lp = logp.gather(-1, tokens[b_idx, t_idx, None]).squeeze(-1)
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)
+        return [(lp[b_idx == i], ent[b_idx == i], act[b_idx[b_idx == i], t_idx[b_idx == i]]) for i in range(len(rows))]
+    parts = S.by_length(model, rows, forward)
+    first = 0  # the row's first action's number across rows
     for i, (*_, ecols, ccols) in enumerate(rows):
-        for a, b in ecols if own else ccols:
-            act[i, a:b] = n
-            n += 1
-    b_idx, t_idx = (act >= 0).nonzero(as_tuple=True)
-    b_idx, t_idx = b_idx.to(model.device), t_idx.to(model.device)
-    h = model.hidden(tokens, pos, mask)  # (B, N, dim)
-    logp = model.lm_head(h[b_idx, src[b_idx, t_idx]]).float().log_softmax(-1)  # (N, V)
-    lp = logp.gather(-1, tokens[b_idx, t_idx, None]).squeeze(-1)
-    with torch.no_grad():
-        ent = -(logp.exp() * logp).sum(-1)
-    return lp, ent, act.to(model.device)[b_idx, t_idx]
+        parts[i] = (*parts[i][:2], parts[i][2] + first)
+        first += len(ecols if own else ccols)
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 def build_discriminator(backbone, lr: float):

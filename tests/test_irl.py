@@ -93,26 +93,29 @@ def _job(tok, texts_by_step):
     return ids, spans, [(t, S.turn_ids(tok, x)) for t, xs in texts_by_step for x in xs]
 
 
-def test_packed_action_tokens_and_disc_logits_equal_separate_forwards(tiny):  # noqa: F811
+@pytest.mark.parametrize("n_short", [2, 1])  # a second row padded to the first's length / forwarded on its own
+def test_packed_action_tokens_and_disc_logits_equal_separate_forwards(tiny, n_short):  # noqa: F811
     model, tok = tiny
     ids, spans, cands = _job(tok, [(0, ["Action: search[blue]", "Thought: hm\nAction: click[8]"]),
                                    (2, ["Action: click[9]"] * 2)])
-    rows = [S.pack_row(ids, spans, cands), S.pack_row(ids[:spans[1][1]], spans[:2], cands[:2])]  # the second one padded
+    rows = [S.pack_row(ids[:spans[n_short - 1][1]], spans[:n_short], cands[:2]), S.pack_row(ids, spans, cands)]
+    assert len(S.length_groups([len(r[0]) for r in rows])) == (1 if n_short == 2 else 2)
     with torch.no_grad():
         lp, ent, act = TR.action_tokens(model, rows, own=False)
         want = torch.cat([c for _, c in S.score_packed(model, rows)])
+        assert torch.equal(act, act.sort().values)  # actions numbered across rows in order
         assert torch.allclose(torch.zeros(6).index_add(0, act, lp), want, atol=1e-5)
         assert (ent > 0).all() and (ent < math.log(tok.vocab_size) + 1e-4).all()
         lp, _, act = TR.action_tokens(model, rows, own=True)
         want = torch.cat([e for e, _ in S.score_packed(model, rows)])
-        assert torch.allclose(torch.zeros(6).index_add(0, act, lp), want, atol=1e-5)
+        assert torch.allclose(torch.zeros(n_short + len(spans)).index_add(0, act, lp), want, atol=1e-5)
         # D's logit = head(hidden at the action's last token) of state + action alone
         head = torch.nn.Linear(model.args.dim, 1)
-        (e, c), (e2, c2) = TR.disc_logits(model, head, rows)
+        (e2, c2), (e, c) = TR.disc_logits(model, head, rows)
         last = lambda x: head(model.hidden(torch.tensor(x)[None])[0, -1]).item()  # noqa: E731
         assert torch.allclose(e, torch.tensor([last(ids[:b]) for _, b in spans]), atol=1e-5)
         assert torch.allclose(c, torch.tensor([last(ids[:spans[t][0]] + x) for t, x in cands]), atol=1e-5)
-        assert torch.allclose(e2, e[:2], atol=1e-5) and torch.allclose(c2, c[:2], atol=1e-5)
+        assert torch.allclose(e2, e[:n_short], atol=1e-5) and torch.allclose(c2, c[:2], atol=1e-5)
 
 
 def test_discriminator_separates_expert_from_random_actions(tiny):  # noqa: F811

@@ -69,12 +69,30 @@ def test_packed_scoring_equals_separate_forwards(tiny):
     assert torch.allclose(e, ne, atol=1e-5) and torch.allclose(c, nc, atol=1e-5)
     assert torch.allclose(e2, ne[:2], atol=1e-5) and torch.allclose(c2, nc[:2], atol=1e-5)
     assert (c < 0).all() and (e < 0).all()
+    # a row far shorter than the others gets its own forward; the scores come back in the rows' order
+    first = S.pack_row(ids[: spans[0][1]], spans[:1], cands[:1])
+    assert S.length_groups([len(r[0]) for r in (short, first, row)]) == [[2, 0], [1]]
+    with torch.no_grad():
+        (e3, c3), (e4, c4), (e5, c5) = S.score_packed(model, [short, first, row])
+    for got, want in ((e3, ne[:2]), (c3, nc[:2]), (e4, ne[:1]), (c4, nc[:1]), (e5, ne), (c5, nc)):
+        assert torch.allclose(got, want, atol=1e-5)
     # gradients flow through the packed scores
     model.zero_grad()
     (e, c), = S.score_packed(model, [row])
     (e.sum() - c.sum()).backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_length_groups_pad_within_slack():
+    assert S.length_groups([100, 90, 120]) == [[0, 1, 2]]  # 360 padded <= 1.5 x 310: one forward, in order
+    assert S.length_groups([716, 7012]) == [[1], [0]]  # a ScienceWorld batch: 14,024 padded > 1.5 x 7,728
+    lens = [1000, 100, 900, 120, 950, 300]
+    groups = S.length_groups(lens)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens))) and len(groups) > 1
+    for g in groups:
+        assert len(g) * max(lens[i] for i in g) <= 1.5 * sum(lens[i] for i in g)
+    assert S.length_groups(lens, slack=10.0) == [list(range(len(lens)))]
 
 
 def test_fit_context_drops_oldest_pairs_keeps_first_turn(tiny, monkeypatch):
