@@ -174,6 +174,7 @@ def action_tokens(model, rows: list[tuple], own: bool):
         for i, (*_, ecols, ccols) in enumerate(rows):
             for n, (a, b) in enumerate(ecols if own else ccols):
                 act[i, a:b] = n
+        per_row = (act >= 0).sum(1).tolist()  # action tokens per row: the row-major order below, split
         b_idx, t_idx = (act >= 0).nonzero(as_tuple=True)
         b_idx, t_idx, act = b_idx.to(model.device), t_idx.to(model.device), act.to(model.device)
         h = model.hidden(tokens, pos, mask)  # (B, N, dim)
@@ -181,7 +182,7 @@ def action_tokens(model, rows: list[tuple], own: bool):
         lp = logp.gather(-1, tokens[b_idx, t_idx, None]).squeeze(-1)
         with torch.no_grad():
             ent = -(logp.exp() * logp).sum(-1)
-        return [(lp[b_idx == i], ent[b_idx == i], act[b_idx[b_idx == i], t_idx[b_idx == i]]) for i in range(len(rows))]
+        return list(zip(lp.split(per_row), ent.split(per_row), act[b_idx, t_idx].split(per_row)))
     parts = S.by_length(model, rows, forward)
     first = 0  # the row's first action's number across rows
     for i, (*_, ecols, ccols) in enumerate(rows):
