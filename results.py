@@ -438,7 +438,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         out += ["", f"### {env}", "",
                 "| method | test success | test reward | test_unseen success | test_unseen reward | updates |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        missing, cells, tasks, have = [], {}, {}, eval_splits(env)
+        missing, cells, rewards, tasks, have = [], {}, {}, {}, eval_splits(env)
         for key in ROWS:
             row = []
             for split in ("test", "test_unseen"):
@@ -446,9 +446,10 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
                     row += ["n/a", "n/a"]
                     continue
                 cells[key, split] = values(cfg, env, key, split, "success_rate")
+                rewards[key, split] = values(cfg, env, key, split, "avg_reward")
                 tasks[key, split] = {s: solved(cell_dir(cfg, env, s), key, split, cfg.iterations)
                                      for s in cells[key, split]}
-                row += [fmt(cells[key, split], n_seeds), fmt(values(cfg, env, key, split, "avg_reward"), n_seeds)]
+                row += [fmt(cells[key, split], n_seeds), fmt(rewards[key, split], n_seeds)]
                 gone = [s for s in seeds if s not in cells[key, split]]
                 if gone:
                     missing.append(f"{LABEL[key]} {split} (seed {', '.join(map(str, gone))})")
@@ -459,7 +460,7 @@ def table_section(cfg: TableConfig, argv: list[str]) -> list[str]:
         out += ["", "Not computed yet: every cell (run the command above)." if everything else
                 f"Not computed yet: {'; '.join(missing)}." if missing else "All cells computed."]
         out += precision_line(cfg, env)
-        lines = verdicts(cells, n_seeds, have, tasks)
+        lines = verdicts(cells, n_seeds, have, tasks, rewards)
         out += [""] + lines if lines else []
         if n_seeds > 1 and any(cells[key, "test"] for key in ROWS):  # what the paired verdicts are made of
             out += ["", "Test success per seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -497,7 +498,8 @@ def mean_str(vals: dict[int, float], digits: int = 3) -> str:
     return f"{mean_spread(list(vals.values()))[0]:.{digits}f}" if vals else "—"
 
 
-def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: dict | None = None) -> list[str]:
+def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: dict | None = None,
+             rewards: dict | None = None) -> list[str]:
     """One line per StepAgent method and baseline: does it beat it, on test and on test_unseen success.
 
     Paired by seed: every method of a seed starts from that seed's novice, so the seed-to-seed spread
@@ -505,8 +507,10 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: d
     higher on every seed. A block made in part is judged on the seeds both have, and says which.
     Paired by task too, where tasks[key, split] gives {seed: solved task ids}: both play the same
     tasks, so the tasks only one of the two solved (summed over seeds) say whether a gap is more than
-    chance (sign_test), which one seed alone cannot say by the spread."""
-    lines, tasks = [], tasks or {}
+    chance (sign_test), which one seed alone cannot say by the spread. Where the success is equal, the
+    average reward on the same seeds (rewards[key, split]: {seed: value}) is shown beside it, as the one
+    number that still tells the two apart (e.g. every method at 0 success on ScienceWorld)."""
+    lines, tasks, rewards = [], tasks or {}, rewards or {}
     for ours in OURS:
         for base in BASELINES:
             parts = []
@@ -527,6 +531,10 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: d
                     y = sum(len(set(tb[s]) - set(ta[s])) for s in a)
                     paired = "; ".join(filter(None, [paired, f"tasks solved by it alone {x}, by the other alone {y}: "
                                                               f"sign test p = {sign_test(x, y):.2g}"]))
+                ra, rb = rewards.get((ours, split), {}), rewards.get((base, split), {})
+                if ma == mb and all(s in ra and s in rb for s in both):
+                    mr = [mean_spread([r[s] for s in both])[0] for r in (ra, rb)]
+                    paired = "; ".join(filter(None, [f"average reward {mr[0]:.3f} vs {mr[1]:.3f}", paired]))
                 word = "**does not beat it** (equal" + (f"; {paired})" if paired else ")") if ma == mb else \
                     "higher, one seed" + (f" ({paired})" if paired else " (no spread over seeds to judge the gap by)") \
                     if sd is None and ma > mb else \

@@ -105,6 +105,27 @@ def test_sign_test_by_hand():
     assert R.sign_test(0, 6) == 2 / 64 and R.sign_test(5, 5) == 1.0 and R.sign_test(0, 0) == 1.0
 
 
+def test_verdicts_show_reward_where_success_ties():
+    # one seed, every method at 0 success: the reward on the seeds both have is what tells them apart
+    keys = [*R.OURS, *R.BASELINES]
+    cells = {(k, "test"): {0: 0.0} for k in keys}
+    rewards = {(k, "test"): {0: 0.1 + 0.01 * i} for i, k in enumerate(keys)}
+    ours, base = R.OURS[0], R.BASELINES[0]
+    cells[ours, "test"] = {0: 0.0, 1: 0.5}  # a seed the baseline lacks: judged on seed 0 alone
+    rewards[ours, "test"] = {0: 0.25, 1: 0.9}
+    lines = {x.split(":")[0]: x for x in R.verdicts(cells, 2, ("test",), rewards=rewards)}
+    first = lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
+    assert first.endswith("test (seed 0 so far) success 0.000 vs 0.000, **does not beat it** "
+                          f"(equal; average reward 0.250 vs {rewards[base, 'test'][0]:.3f})")
+    cells[ours, "test"] = {0: 0.5}  # success differs: judged on it, no reward shown
+    lines = {x.split(":")[0]: x for x in R.verdicts(cells, 1, ("test",), rewards=rewards)}
+    assert "reward" not in lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
+    del rewards[base, "test"]  # a reward missing: nothing to show, the success verdict stands alone
+    cells[ours, "test"] = {0: 0.0}
+    lines = {x.split(":")[0]: x for x in R.verdicts(cells, 1, ("test",), rewards=rewards)}
+    assert lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"].endswith("success 0.000 vs 0.000, **does not beat it** (equal)")
+
+
 def _fingerprint(out):
     files = sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl")) + glob.glob(os.path.join(out, "*", "*", "last", "*")))
     return {f: hashlib.md5(open(f, "rb").read()).hexdigest() for f in files}
@@ -232,13 +253,14 @@ def test_table_end_to_end(tmp_path):
         f"(2/2 seeds higher; paired difference +0.500 ± 0.000; {_tasks_text(out, 'implicit', 'eto')}); test_unseen success")
     assert "tasks solved by it alone 1, by the other alone 1: sign test p = 1" in verdict["- StepAgent-Implicit vs ETO"]
     # test_unseen on the seeds both have (inverse's seed 1 is gone): the micro models solve none there
-    inv, eto = (json.load(open(_summary_path(out, 0, r, "test_unseen")))["success_rate"] for r in ("inverse", "eto"))
-    assert inv == eto == 0.0
+    inv, eto = (json.load(open(_summary_path(out, 0, r, "test_unseen"))) for r in ("inverse", "eto"))
+    assert inv["success_rate"] == eto["success_rate"] == 0.0
+    reward = f"average reward {inv['avg_reward']:.3f} vs {eto['avg_reward']:.3f}"  # shown where success is equal
     assert verdict["- StepAgent-Inverse vs ETO"] == (  # 0.0 - 0.5 and 1.0 - 0.0
         "- StepAgent-Inverse vs ETO: test success 0.500 vs 0.250, higher on average, not on every seed "
         f"(1/2 seeds higher; paired difference +0.250 ± {math.sqrt(1.125):.3f}; {_tasks_text(out, 'inverse', 'eto')}); "
         "test_unseen (seed 0 so far) success 0.000 vs 0.000, **does not beat it** "
-        f"(equal; {_tasks_text(out, 'inverse', 'eto', 'test_unseen', seeds=(0,))})")
+        f"(equal; {reward}; {_tasks_text(out, 'inverse', 'eto', 'test_unseen', seeds=(0,))})")
     assert verdict["- StepAgent-Inverse vs outcome-PPO"].endswith("; test_unseen: not computed yet")
     assert "| ETO | 0.500 | 0.000 |" in md and "| StepAgent-Implicit | 1.000 | 0.500 |" in md  # per seed
 
