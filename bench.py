@@ -18,6 +18,7 @@ runs after one warm-up. Absolute times are for this machine only; the ratios are
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -289,6 +290,44 @@ def bench_pad(a) -> None:
             f"{tp / tg:.2f}x", f"{mp:.2f} / {mg:.2f}", "yes" if math.isclose(lp, lg, rel_tol=1e-5) else f"no: {lp} vs {lg}")
 
 
+def bench_blocks(a) -> None:
+    """The packed scoring pass (forward + backward) on one long row, trajectory and candidates of a
+    ScienceWorld-length episode (40 steps, K candidates per state): attention by pad_rows' blocks vs
+    the one dense (N, N) mask it replaced, in the same process on the same row."""
+    import stepagent as S
+
+    print(f"\n## one long packed row (40 steps, K={a.k} candidates per state): block mask vs dense mask (forward + backward)\n")
+    row("model", "trajectory + candidate tokens", "dense mask (s)", "blocks (s)", "speed-up", "attention scores, dense / blocks (a causal block counted whole)", "same loss")
+    row(*["---"] * 7)
+    for name, model, tok, recs in models_for_bench(a):
+        recs = ten_step_trajectories(4)  # four 10-step episodes end to end: one 40-step conversation
+        conv = [c for r in recs for c in r["conversations"][:20]]
+        ids, spans = S.turn_spans(tok, S.to_messages({**recs[0], "conversations": conv}))
+        cands = score_jobs(tok, [{**recs[0], "conversations": conv}], a.k)[0][2]
+        r = S.pack_row(ids, spans, cands)
+        tokens, targets, pos, bm, src = S.pad_rows([r], model.device)
+        dense = r[2][None].to(model.device)
+        model.train()
+        model.grad_ckpt = not name.startswith("tiny")  # as the SmolLM2 ScienceWorld runs train
+        out = {}
+
+        def step(mask):
+            def fn():
+                lp = M.token_logprobs(model, tokens, targets, pos, mask, src)
+                lp.sum().backward()
+                model.zero_grad(set_to_none=True)
+                out[id(mask)] = lp.sum().item()
+            return fn
+
+        t_d, t_b = timeit(step(dense), a.repeat), timeit(step(bm), a.repeat)
+        model.grad_ckpt = False
+        n, L = len(r[0]), len(ids)
+        entries = block_scores(bm)
+        same = math.isclose(out[id(dense)], out[id(bm)], rel_tol=1e-5)
+        row(name, f"{L} + {n - L}", f"{t_d:.2f}", f"{t_b:.2f}", f"{t_d / t_b:.2f}x", f"{n * n / 1e6:.1f}M / {entries / 1e6:.1f}M",
+            "yes" if same else f"no: {out[id(dense)]} vs {out[id(bm)]}")
+
+
 def bench_rollout(a) -> None:
     """Greedy webshop rollouts of a random tiny-preset model (every task runs to the step limit with
     long contexts, a weak novice's worst case): keys/values kept across turns vs re-prefilled."""
@@ -460,16 +499,24 @@ SHAPES = {  # and "tiny": the tiny preset's default shape (stepagent.tiny_args),
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (datasheets)
 
 
-def train_flops(args: M.ModelArgs, row_lens: list[int], n_targets: int) -> float:
+def train_flops(args: M.ModelArgs, row_lens: list[int], n_targets: int, scores: int | None = None) -> float:
     """FLOPs of one forward+backward (3x the forward's matrix products) over rows of these lengths:
     every linear layer on every token, the LM head on the target tokens only (token_logprobs computes
-    logits nowhere else), attention dense over each row (what SDPA computes under a mask; PaLM's and
-    nanoGPT's count, which also counts a causal row in full)."""
+    logits nowhere else), and attention over `scores` query-key pairs per head and layer: by default
+    dense over each row (what SDPA computes for a causal row; PaLM's and nanoGPT's count, which
+    counts it in full); for packed rows, block_scores of their BlockMask."""
     a = args
     per_tok = a.n_layers * (a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
                             + 3 * a.dim * a.intermediate_size)
-    attn = sum(n * n for n in row_lens) * a.n_layers * a.n_heads * a.head_dim * 2  # QK^T and PV, per row
+    scores = sum(n * n for n in row_lens) if scores is None else scores
+    attn = scores * a.n_layers * a.n_heads * a.head_dim * 2  # QK^T and PV
     return 3 * 2 * (sum(row_lens) * per_tok + n_targets * a.dim * a.vocab_size + attn)
+
+
+def block_scores(bm: M.BlockMask) -> int:
+    """The query-key pairs a BlockMask's attention computes: each block's rows against its keys
+    (a causal block counted whole); padding, in no block, computes none."""
+    return sum((hi - lo) * (k + hi - lo) for row in bm.blocks for lo, hi, k, _ in row)
 
 
 def bench_train(a) -> None:
@@ -534,7 +581,8 @@ def bench_train(a) -> None:
         ref = [r.float() for r in TI.pair_logps(S.score_packed(ours, rows), jobs)[:2]]
     dpo = stepper(ours, lambda m: TI.step_dpo_loss(*TI.pair_logps(S.score_packed(m, rows), jobs)[:2], *ref, 0.1)[0].mean())
     n_tok = sum(len(r[0]) for r in rows)
-    dpo_flops = train_flops(args, [len(r[0]) for r in rows], sum(int(r[3].sum()) for r in rows))
+    dpo_flops = train_flops(args, [len(r[0]) for r in rows], sum(int(r[3].sum()) for r in rows),
+                            block_scores(S.pad_rows(rows, "cpu")[3]))
     t_dpo = timeit(dpo, a.repeat)
     n_params = sum(p.numel() for p in ours.parameters())
     del ours, dpo  # the peer's weights and AdamW state in their place
@@ -559,7 +607,7 @@ def bench_train(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "pad", "rollout", "amp", "train", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "pad", "blocks", "rollout", "amp", "train", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -577,7 +625,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
-                     ("dpo", bench_dpo), ("pad", bench_pad), ("rollout", bench_rollout), ("amp", bench_amp), ("train", bench_train)):
+                     ("dpo", bench_dpo), ("pad", bench_pad), ("blocks", bench_blocks), ("rollout", bench_rollout), ("amp", bench_amp), ("train", bench_train)):
         if a.what == name or (a.what == "all" and name != "train"):  # train: a GPU bench
             fn(a)
 

@@ -779,18 +779,29 @@ def pack_row(traj: list[int], spans: list[tuple[int, int]], cands: list[tuple[in
             expert_cols, cand_cols)
 
 
-def pad_rows(rows: list[tuple], device):
+def pad_rows(rows: list[tuple], device, block: int = 256):
     """pack_row rows as one batch, right-padded to (B, N), in token_logprobs' argument order: tokens,
-    targets, positions, mask (B, N, N; padding sees itself only), predicting columns. score_packed
-    and train_irl's discriminator and per-token policy scoring share it."""
+    targets, positions, mask, predicting columns. score_packed and train_irl's discriminator and
+    per-token policy scoring share it. The mask is an M.BlockMask: the trajectory one causal block,
+    its candidates in blocks of about `block` tokens (whole candidates, in order), each seeing the
+    trajectory up to its last candidate's state and itself; padding is in no block."""
     B, N = len(rows), max(len(r[0]) for r in rows)
     tokens, pos, src = (torch.zeros(B, N, dtype=torch.long) for _ in range(3))
-    mask = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
+    mask = torch.zeros(B, N, N, dtype=torch.bool)
     targets = torch.zeros(B, N, dtype=torch.bool)
-    for i, (t, p, m, tg, s, _, _) in enumerate(rows):
+    blocks = []
+    for i, (t, p, m, tg, s, _, ccols) in enumerate(rows):
         n = len(t)
         tokens[i, :n], pos[i, :n], mask[i, :n, :n], targets[i, :n], src[i, :n] = t, p, m, tg, s
-    return tokens.to(device), targets.to(device), pos.to(device), mask.to(device), src.clamp(min=0).to(device)
+        blocks.append([(0, ccols[0][0] if ccols else n, 0)])  # the trajectory
+        for a, b in ccols:  # a candidate's first position is its state's boundary: what it sees up to
+            lo, hi, klim = blocks[-1][-1]
+            if len(blocks[-1]) > 1 and b - lo <= block:
+                blocks[-1][-1] = (lo, b, max(klim, int(p[a])))
+            else:
+                blocks[-1].append((a, b, int(p[a])))
+    return (tokens.to(device), targets.to(device), pos.to(device), M.BlockMask(mask.to(device), blocks),
+            src.clamp(min=0).to(device))
 
 
 def length_groups(lens: list[int], slack: float = 0.5) -> list[list[int]]:

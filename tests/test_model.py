@@ -1,6 +1,7 @@
 """model.py: parity with transformers, KV-cached generation, scoring, save/load, chat formats, errors."""
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -436,5 +437,7 @@ def test_bench_train_flops_equal_torchs_count():
     rows = [S.pack_row(traj, spans, cands), S.pack_row(traj[:30], spans[:1], cands[:2])]
     N = max(len(r[0]) for r in rows)  # the shorter row is padded to N: the counted work
     n_targets = sum(int(r[3].sum()) for r in rows)
-    got = counted(lambda: sum(e.sum() + c.sum() for e, c in S.score_packed(m, rows)))
-    assert got == bench.train_flops(args, [N] * len(rows), n_targets)
+    got = counted(lambda: sum(e.sum() + c.sum() for e, c in S.score_packed(m, rows, slack=math.inf)))
+    scores = bench.block_scores(S.pad_rows(rows, "cpu")[3])  # the trajectory blocks and the candidates'
+    assert scores == 60 * 60 + 18 * (50 + 18) + 30 * 30 + 6 * (10 + 6) < 2 * N * N  # 6 candidates seeing up to step 2
+    assert got == bench.train_flops(args, [N] * len(rows), n_targets, scores)

@@ -84,6 +84,42 @@ def test_packed_scoring_equals_separate_forwards(tiny):
     model.zero_grad()
 
 
+def test_block_mask_equals_dense_mask(tiny):
+    """pad_rows' BlockMask computes, block by block, the attention of the dense packed mask: the same
+    hidden states at every real column, and the same gradients."""
+    model, tok = tiny
+    ids, spans = S.turn_spans(tok, CONV)
+    cands = [(t, S.turn_ids(tok, a)) for t, a in [(0, "Action: search[shoes]"), (0, "Thought: x\nAction: click[B0A1]"),
+                                                  (1, "Action: click[8]"), (2, "Action: click[Buy Now]"),
+                                                  (3, "Thought: buy.\nAction: click[< Prev]"), (3, "Action: click[9]")]]
+    rows = [S.pack_row(ids, spans, cands), S.pack_row(ids[: spans[1][1]], spans[:2], cands[:3]),
+            S.pack_row(ids[: spans[0][1]], spans[:1], [])]  # the last: no candidates, padded
+    tokens, _, pos, bm, _ = S.pad_rows(rows, "cpu", block=20)
+    B, N = tokens.shape
+    dense = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)  # the mask as it was: padding sees itself
+    for i, r in enumerate(rows):
+        dense[i, :len(r[0]), :len(r[0])] = r[2]
+    assert len(bm.blocks[0]) > 3 and any(m is not None and k for _, _, k, m in bm.blocks[0])  # chunks that see the trajectory
+    assert all(m is None for _, _, _, m in (b[0] for b in bm.blocks))  # trajectories: causal
+    real = torch.zeros(B, N, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        real[i, :len(r[0])] = True
+    w = torch.randn(B, N, model.args.dim, generator=torch.Generator().manual_seed(0))
+    out, grads = [], []
+    for mask in (dense, bm):
+        model.zero_grad()
+        h = model.hidden(tokens, pos, mask)
+        (h * w)[real].sum().backward()
+        out.append(h[real].detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() for a, b in zip(*grads))  # fp32 summation order
+    with pytest.raises(ValueError, match="attend outside"):  # a candidate block that would not see its state
+        L = rows[0][6][0][0]
+        M.BlockMask(dense[:1], [[(0, L, 0), (L, len(rows[0][0]), 0)]])
+
+
 def test_length_groups_pad_within_slack():
     assert S.length_groups([100, 90, 120]) == [[0, 1, 2]]  # 360 padded <= 1.5 x 310: one forward, in order
     assert S.length_groups([716, 7012]) == [[1], [0]]  # a ScienceWorld batch: 14,024 padded > 1.5 x 7,728
