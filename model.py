@@ -314,7 +314,7 @@ class BlockMask:
     is one causal block; its candidates, a few hundred tokens at a time, are blocks that see the
     trajectory before their state and themselves). Attention then costs sum (hi - lo) * (klim +
     hi - lo) instead of N^2: on a ScienceWorld row of 4.7k trajectory and 8k candidate tokens, a
-    fifth. The same softmax over the same keys as the dense mask; columns in no block (padding)
+    quarter. The same softmax over the same keys as the dense mask; columns in no block (padding)
     get output 0. blocks[b]: (lo, hi, klim) in column order, with klim <= lo."""
 
     def __init__(self, mask: torch.Tensor, blocks: list[list[tuple[int, int, int]]]):
