@@ -299,33 +299,30 @@ def bench_blocks(a) -> None:
     print(f"\n## one long packed row (40 steps, K={a.k} candidates per state): block mask vs dense mask (forward + backward)\n")
     row("model", "trajectory + candidate tokens", "dense mask (s)", "blocks (s)", "speed-up", "attention scores, dense / blocks (a causal block counted whole)", "same loss")
     row(*["---"] * 7)
-    for name, model, tok, recs in models_for_bench(a):
-        recs = ten_step_trajectories(4)  # four 10-step episodes end to end: one 40-step conversation
-        conv = [c for r in recs for c in r["conversations"][:20]]
-        ids, spans = S.turn_spans(tok, S.to_messages({**recs[0], "conversations": conv}))
-        cands = score_jobs(tok, [{**recs[0], "conversations": conv}], a.k)[0][2]
+    recs = ten_step_trajectories(4)  # four 10-step episodes end to end: one 40-step conversation
+    long = {**recs[0], "conversations": [c for r in recs for c in r["conversations"][:20]]}
+    for name, model, tok, _ in models_for_bench(a):
+        ids, spans, cands = score_jobs(tok, [long], a.k)[0]
         r = S.pack_row(ids, spans, cands)
         tokens, targets, pos, bm, src = S.pad_rows([r], model.device)
-        dense = r[2][None].to(model.device)
         model.train()
         model.grad_ckpt = not name.startswith("tiny")  # as the SmolLM2 ScienceWorld runs train
         out = {}
 
-        def step(mask):
+        def step(what, mask):
             def fn():
                 lp = M.token_logprobs(model, tokens, targets, pos, mask, src)
                 lp.sum().backward()
                 model.zero_grad(set_to_none=True)
-                out[id(mask)] = lp.sum().item()
+                out[what] = lp.sum().item()
             return fn
 
-        t_d, t_b = timeit(step(dense), a.repeat), timeit(step(bm), a.repeat)
+        t_d, t_b = timeit(step("dense", r[2][None].to(model.device)), a.repeat), timeit(step("blocks", bm), a.repeat)
         model.grad_ckpt = False
         n, L = len(r[0]), len(ids)
-        entries = block_scores(bm)
-        same = math.isclose(out[id(dense)], out[id(bm)], rel_tol=1e-5)
-        row(name, f"{L} + {n - L}", f"{t_d:.2f}", f"{t_b:.2f}", f"{t_d / t_b:.2f}x", f"{n * n / 1e6:.1f}M / {entries / 1e6:.1f}M",
-            "yes" if same else f"no: {out[id(dense)]} vs {out[id(bm)]}")
+        same = math.isclose(out["dense"], out["blocks"], rel_tol=1e-5)
+        row(name, f"{L} + {n - L}", f"{t_d:.2f}", f"{t_b:.2f}", f"{t_d / t_b:.2f}x", f"{n * n / 1e6:.1f}M / {block_scores(bm) / 1e6:.1f}M",
+            "yes" if same else f"no: {out['dense']} vs {out['blocks']}")
 
 
 def bench_rollout(a) -> None:

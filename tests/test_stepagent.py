@@ -97,13 +97,12 @@ def test_block_mask_equals_dense_mask(tiny):
     tokens, _, pos, bm, _ = S.pad_rows(rows, "cpu", block=20)
     B, N = tokens.shape
     dense = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)  # the mask as it was: padding sees itself
-    for i, r in enumerate(rows):
-        dense[i, :len(r[0]), :len(r[0])] = r[2]
-    assert len(bm.blocks[0]) > 3 and any(m is not None and k for _, _, k, m in bm.blocks[0])  # chunks that see the trajectory
-    assert all(m is None for _, _, _, m in (b[0] for b in bm.blocks))  # trajectories: causal
     real = torch.zeros(B, N, dtype=torch.bool)
     for i, r in enumerate(rows):
+        dense[i, :len(r[0]), :len(r[0])] = r[2]
         real[i, :len(r[0])] = True
+    assert len(bm.blocks[0]) > 3 and any(m is not None and k for _, _, k, m in bm.blocks[0])  # chunks that see the trajectory
+    assert all(m is None for _, _, _, m in (b[0] for b in bm.blocks))  # trajectories: causal
     w = torch.randn(B, N, model.args.dim, generator=torch.Generator().manual_seed(0))
     out, grads = [], []
     for mask in (dense, bm):
