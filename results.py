@@ -317,7 +317,8 @@ def updates(cell: str, name: str, iterations: int) -> int | None:
         lines = [json.loads(x) for x in open(path)]
         if not any(x.get("event") == "iteration" and x.get("iteration") == iterations for x in lines):
             return None  # iteration `iterations` not finished: its count is not the budget yet
-        return sum("event" not in x and "step" in x and x.get("iteration", 0) <= iterations for x in lines)
+        # distinct steps: a run killed between logging a step and saving it logs that step again
+        return len({x["step"] for x in lines if "event" not in x and "step" in x and x.get("iteration", 0) <= iterations})
     return kept(cell, path, read, f"#{iterations}")
 
 

@@ -985,9 +985,9 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         P.load_optim_state(model, opt, os.path.join(last, "optimizer.pt"))
         method.load_state_dict(torch.load(os.path.join(last, "method.pt"), map_location=model.device,
                                           weights_only=False))
-        _truncate_log(metrics, state["step"])
         where = "after its reflection" if state["done"] else f"after update {state['batch']}"
         print(f"resuming {run}: iteration {state['iteration'] + 1}, {where}")
+    _truncate_log(metrics, state["step"])  # a fresh start too: a run killed before its first save logged steps
     log = Log(metrics)
 
     def save():

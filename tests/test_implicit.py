@@ -105,9 +105,14 @@ def test_train_implicit_smoke(tmp_path):
 
 def test_eto_baseline_smoke(tmp_path):
     out = str(tmp_path / "run")
+    # a first attempt killed before its first save left a step's line: the fresh start drops it
+    os.makedirs(os.path.join(out, "eto"))
+    with open(os.path.join(out, "eto", "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "iteration": 1, "losses/dpo": 9.0}) + "\n")
     stdout = _run([*MICRO, "--level", "trajectory", "--traj_batch", "2", "--out", out])
     assert "| ETO iter 2 |" in stdout
     lines = _metrics(os.path.join(out, "eto"))
+    assert [x["step"] for x in lines if "losses/dpo" in x] == list(range(1, len([x for x in lines if "losses/dpo" in x]) + 1))
     explore = [x for x in lines if x.get("event") == "explore"]
     assert len(explore) == 2 and all(x["tasks"] == 6 for x in explore)
     updates = [x for x in lines if "losses/dpo" in x]

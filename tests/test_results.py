@@ -146,6 +146,10 @@ def test_updates_count_only_a_finished_iteration(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "iteration", "iteration": 1, "test_success": 0.1}) + "\n")
     assert R.updates(str(tmp_path), "implicit", 1) == 2 and R.updates(str(tmp_path), "implicit", 2) is None
+    # a step logged twice (killed after logging it, before saving it; the rerun did it again) counts once
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + "".join(lines))
+    assert R.updates(str(tmp_path), "implicit", 1) == 2
     # the novice likewise: 2 pretraining + 4 SFT epochs (novice.json), stopped after epoch 3 of them
     (tmp_path / "sft").mkdir()
     (tmp_path / "novice.json").write_text(json.dumps({"preset": "tiny", "sft_epochs": 4, "pretrain_epochs": 2}))
