@@ -926,11 +926,15 @@ def _check_run_config(run: str, cfg) -> None:
         envs.write_json(path, now)
 
 
-def _truncate_log(path: str, step: int) -> None:
+def _truncate_log(path: str, step: int, collect_pending: bool) -> None:
     """Drop per-step metric lines past the checkpoint (a killed run wrote them; the resumed run
-    writes them again), so the file reads as one uninterrupted run."""
+    writes them again), so the file reads as one uninterrupted run. collect_pending: the next
+    collect has no saved collect-<it>.pt, so the step-less event lines at the end (inspect, explore)
+    came from a collect killed before its save, and the rerun logs them again."""
     if os.path.exists(path) and P.is_main():
         lines = [x for x in open(path) if json.loads(x).get("step", 0) <= step]
+        while collect_pending and lines and "step" not in json.loads(lines[-1]):
+            lines.pop()
         envs.atomic_write(path, "".join(lines))
 
 
@@ -987,7 +991,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                                           weights_only=False))
         where = "after its reflection" if state["done"] else f"after update {state['batch']}"
         print(f"resuming {run}: iteration {state['iteration'] + 1}, {where}")
-    _truncate_log(metrics, state["step"])  # a fresh start too: a run killed before its first save logged steps
+    pending = not os.path.exists(os.path.join(run, f"collect-{state['iteration'] + 1 + state['done']}.pt"))
+    _truncate_log(metrics, state["step"], pending)  # on a fresh start too (a run killed before its first save)
     log = Log(metrics)
 
     def save():

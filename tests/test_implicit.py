@@ -105,9 +105,11 @@ def test_train_implicit_smoke(tmp_path):
 
 def test_eto_baseline_smoke(tmp_path):
     out = str(tmp_path / "run")
-    # a first attempt killed before its first save left a step's line: the fresh start drops it
+    # a first attempt killed before its first save (and before collect-1.pt) left its explore line and a
+    # step's line: the fresh start drops both
     os.makedirs(os.path.join(out, "eto"))
     with open(os.path.join(out, "eto", "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"event": "explore", "iteration": 1, "tasks": 6, "failed": 99, "success": 0.0}) + "\n")
         f.write(json.dumps({"step": 1, "iteration": 1, "losses/dpo": 9.0}) + "\n")
     stdout = _run([*MICRO, "--level", "trajectory", "--traj_batch", "2", "--out", out])
     assert "| ETO iter 2 |" in stdout
@@ -143,6 +145,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     ma, mb = _metrics(os.path.join(a, "implicit")), _metrics(os.path.join(b, "implicit"))
     steps_a, steps_b = [x for x in ma if "losses/dpo" in x], [x for x in mb if "losses/dpo" in x]
     assert [x["step"] for x in steps_a] == [x["step"] for x in steps_b] == list(range(1, len(steps_a) + 1))
+    assert [x["event"] for x in ma if "event" in x] == [x["event"] for x in mb if "event" in x]  # each once
     for x, y in zip(steps_a, steps_b):
         assert abs(x["losses/dpo"] - y["losses/dpo"]) < 1e-6 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
     # iteration 2's line times its whole collect and reflection, the part before the kill included
