@@ -179,9 +179,13 @@ def encode_trajectory(tok, msgs: list[dict], max_len: int):
 
 
 def trajectory_logps(model, encoded: list[tuple], pad_id: int) -> torch.Tensor:
-    """Summed log-probs of all assistant tokens of each encoded conversation (B,), one padded forward."""
-    x, tm = S.collate(encoded, pad_id, model.device)
-    return M.token_logprobs(model, x, tm).sum(-1)
+    """Summed log-probs of all assistant tokens of each encoded conversation (B,): one right-padded
+    forward per `S.length_groups` group, as score_packed, so an 8,000-token failed trajectory does not
+    pad a 500-token expert one to its length."""
+    def forward(rows):
+        x, tm = S.collate(rows, pad_id, model.device)
+        return M.token_logprobs(model, x, tm).sum(-1).unbind(0)
+    return torch.stack(S.by_length(model, encoded, forward))
 
 
 class TrajectoryDPO(StepDPO):
