@@ -825,7 +825,7 @@ def length_groups(lens: list[int], slack: float = 0.5) -> list[list[int]]:
 
 
 def by_length(model, rows: list[tuple], forward, slack: float = 0.5) -> list:
-    """forward(some rows) -> one output per row, run once per length_groups group of pack_row rows;
+    """forward(some rows) -> one output per row, run once per length_groups group of rows (token ids first);
     the outputs in the rows' order. Under --fsdp always one forward: every rank must make the same
     forwards, each of which gathers the weights with the other ranks."""
     out = [None] * len(rows)

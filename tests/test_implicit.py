@@ -57,11 +57,10 @@ def test_packed_loss_equals_naive_per_pair(tiny):  # noqa: F811
     assert (packed != math.log(2)).all()
 
 
-
 def test_trajectory_logps_forwards_length_groups(tiny, monkeypatch):  # noqa: F811
     """ETO's scores: each conversation's summed assistant log-probs, the long one not padding the short ones."""
     model, tok = tiny
-    long = CONV[:1] + CONV[1:] * 6  # 25 turns, several times the others' tokens
+    long = CONV[:1] + CONV[1:] * 6  # 43 turns, cut to the 1024-token context, ~9x the others (111)
     enc = [TI.encode_trajectory(tok, m, 1024) for m in (CONV[:2], long, CONV[:4])]
     with torch.no_grad():
         alone = [M.token_logprobs(model, *S.collate([e], tok.pad_id, "cpu")).sum() for e in enc]
@@ -72,6 +71,7 @@ def test_trajectory_logps_forwards_length_groups(tiny, monkeypatch):  # noqa: F8
     assert torch.allclose(got, torch.stack(alone), atol=1e-4) and (got < 0).all()
     lens = [len(e[0]) for e in enc]
     assert sorted(shapes) == sorted([(1, lens[1]), (2, max(lens[0], lens[2]))])  # the long row alone
+
 
 MICRO = ["--env", "hotpotqa", "--n_train", "6", "--n_dev", "2", "--n_test", "2", "--sft_epochs", "1",
          "--pretrain_epochs", "1", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300",
