@@ -108,7 +108,7 @@ class SFTContinued(S.Method):
         super().__init__(cfg)
         self.lr = cfg.dpo_lr
 
-    def collect(self, model, tok, it, g):
+    def collect(self, model, tok, it, g, partial=None):
         recs = self.records(it)
         return {"data": S.encode_records(tok, recs, model.args.max_seq_len), "n_records": len(recs), "pad_id": tok.pad_id}
 

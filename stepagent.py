@@ -217,20 +217,37 @@ def clean_turn(text: str) -> str:
 
 def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[envs.Task], temperature=0.0,
             top_p=1.0, max_new_tokens=64, batch=64, generator=None, one_shot: list[dict] | None = None,
-            desc="rollout", env_kwargs: dict | None = None, reuse_cache: bool = True) -> list[dict]:
+            desc="rollout", env_kwargs: dict | None = None, reuse_cache: bool = True,
+            partial: str | None = None) -> list[dict]:
     """Play tasks in lockstep, one batched `generate` per step for every live task (`batch` at a
     time; env objects are reused, which matters for the JVM-backed real envs). Each task's keys and
     values stay cached between its turns (model.ChatCache; reuse_cache=False re-prefills every turn,
     the reference bench.py compares with). Returns one ETO record per task with reward, success and
     steps added, and invalid_steps: the 0-based steps whose action was not carried out (envs.invalid).
-    Under torchrun each rank plays its shard of the tasks; every rank gets all records."""
+    Under torchrun each rank plays its shard of the tasks; every rank gets all records.
+
+    partial: a file (one per rank under torchrun) that keeps the records of every finished batch
+    and the generator's state after it, written atomically. A rerun with the same file, tasks and
+    sampling settings skips those batches and plays the rest exactly as an uninterrupted run would
+    (a batch's draws depend only on the generator's state when it starts). The caller deletes the
+    file once it has kept the records (drop_partial)."""
     tasks = P.shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
     keep = len(one_shot or []) + 1  # the example and the task's first user turn always stay
     pool = [envs.load_env(env_name, **(env_kwargs or {})) for _ in range(min(batch, len(tasks)))]
     bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not P.is_main())
-    for lo in range(0, len(tasks), batch):
+    key = {"tasks": [t.id for t in tasks], "sampling": [temperature, top_p, max_new_tokens, batch]}
+    start, earlier, t0, mine = 0, 0.0, time.time(), partial and _rank_path(partial)
+    if mine and os.path.exists(mine):
+        saved = torch.load(mine, weights_only=False)
+        if saved["key"] == key:
+            start, results, earlier = saved["done"], saved["results"], saved["seconds"]
+            if generator is not None:
+                generator.set_state(saved["generator"])
+            bar.update(start)
+            print(f"{desc}: resuming after {start} of {len(tasks)} tasks, kept in {mine}")
+    for lo in range(start, len(tasks), batch):
         live = []
         for env, i in zip(pool, range(lo, min(lo + batch, len(tasks)))):
             first = env.reset(tasks[i])  # (some envs set max_steps per task here)
@@ -260,10 +277,30 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
             if cache is not None:
                 cache.keep(kept)
             live = [live[j] for j in kept]
+        if mine:
+            os.makedirs(os.path.dirname(mine) or ".", exist_ok=True)
+            atomic_torch_save({"key": key, "done": min(lo + batch, len(tasks)), "results": results,
+                               "generator": None if generator is None else generator.get_state(),
+                               "seconds": earlier + time.time() - t0}, mine)
     for env in pool:
         getattr(env, "close", lambda: None)()
     bar.close()
     return P.gather(results)
+
+
+def _rank_path(path: str) -> str:
+    return path if P.world() == 1 else f"{path}.rank{P.rank()}"
+
+
+def partial_seconds(partial: str) -> float:
+    """Wall seconds of the batches a rollout's partial file kept from earlier runs (0 if none)."""
+    mine = _rank_path(partial)
+    return torch.load(mine, weights_only=False)["seconds"] if os.path.exists(mine) else 0.0
+
+
+def drop_partial(partial: str) -> None:
+    if os.path.exists(_rank_path(partial)):
+        os.remove(_rank_path(partial))
 
 
 def _finish(results, s, tasks, bar):
@@ -287,11 +324,12 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
     """Greedy play of `n` tasks of `split`; writes trajectories.json and summary.json to out_dir."""
     tasks = envs.make(cfg.env, split, n=n, seed=cfg.seed)
     shot = one_shot_example(cfg.env) if cfg.one_shot else None
-    t0 = time.time()
+    partial = out_dir and os.path.join(out_dir, "partial.pt")  # finished batches of a killed evaluation
+    t0 = time.time() - (partial_seconds(partial) if partial else 0.0)
     was_training = model.training
     model.eval()
     recs = rollout(model, tok, cfg.env, tasks, 0.0, 1.0, cfg.max_new_tokens, cfg.eval_batch, one_shot=shot,
-                   desc=f"{desc} {split}")
+                   desc=f"{desc} {split}", partial=partial)
     model.train(was_training)
     per, steps, bad = max(1, len(recs)), sum(r["steps"] for r in recs), sum(len(r["invalid_steps"]) for r in recs)
     summary = {"env": cfg.env, "split": split, "n": len(recs), "seed": cfg.seed,
@@ -301,6 +339,8 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
     if out_dir and P.is_main():
         envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
         envs.write_json(os.path.join(out_dir, "summary.json"), summary)
+    if partial:
+        drop_partial(partial)
     return summary
 
 
@@ -870,10 +910,11 @@ class Method:
 
     name     the run folder <out>/<name> and the table's row label
     lr       the policy optimiser's learning rate
-    collect(model, tok, it, generator) -> data
+    collect(model, tok, it, generator, partial) -> data
              this iteration's experience (inspection, or rollouts for the baselines) with whatever
              must be computed under the iteration's starting policy (pi_ref, pi_old); picklable,
-             cached in <run>/collect-<it>.pt so a resumed iteration trains on the same data
+             cached in <run>/collect-<it>.pt so a resumed iteration trains on the same data;
+             rollouts pass partial on to rollout() so that a killed collect keeps its finished batches
     n_updates(data) -> number of optimiser steps this iteration
     update(model, opt, data, b, it) -> metrics dict: the b-th update (forward, backward, step)
     state_dict() / load_state_dict(d): training state beyond the policy and its optimiser
@@ -963,7 +1004,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
 
     Files in <out>/<method.name>: metrics.jsonl (one line per optimiser step, plus iteration events, and a
     reevaluation event when a saved iteration's evaluation is re-run), collect-<it>.pt (and its
-    wall time, collect-<it>-seconds.json), eval-iter<it>-{dev,test}/ (summary.json, trajectories.json),
+    wall time, collect-<it>-seconds.json; collect-<it>-rollouts.pt keeps a killed collect's finished
+    rollout batches until collect-<it>.pt is written), eval-iter<it>-{dev,test}/ (summary.json, trajectories.json),
     iter<it>/ (the policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
     written every save_every steps). Rerunning the same command after a crash or kill -9 resumes
     from last/ and ends with the same numbers as an uninterrupted run. Returns the table rows.
@@ -1013,13 +1055,17 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                 if os.path.exists(took):
                     timed.update(json.load(open(took)))
             else:
+                partial = os.path.join(run, f"collect-{it + 1}-rollouts.pt")  # a killed collect's finished batches
+                t0 -= partial_seconds(partial)
                 seed_all(cfg.seed * 1000 + it)
                 g = torch.Generator(device=model.device).manual_seed(P.rank_seed(cfg.seed * 1000 + it))
-                data = method.collect(P.replica(model), tok, it, g)  # the same on every rank (gathered)
+                data = method.collect(P.replica(model), tok, it, g, partial)  # the same on every rank (gathered)
                 timed["collect_seconds"] = round(time.time() - t0, 1)
                 if P.is_main():
                     atomic_torch_save(data, path)
                     envs.write_json(took, {"collect_seconds": timed["collect_seconds"]})
+                P.barrier()  # collect-<it>.pt is written before any rank drops its rollouts
+                drop_partial(partial)
             n = method.n_updates(data)
             first = state["batch"] if state["iteration"] == it else 0
             t0, before = time.time(), (timed.get("reflect_seconds", 0.0), timed.get("timed_updates", 0))

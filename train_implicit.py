@@ -134,7 +134,7 @@ class StepDPO(S.Method):
         super().__init__(cfg)
         self.lr = cfg.dpo_lr
 
-    def collect(self, model, tok, it, g):
+    def collect(self, model, tok, it, g, partial=None):
         c = self.cfg
         recs = self.records(it)
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
@@ -193,12 +193,12 @@ class TrajectoryDPO(StepDPO):
 
     name = "eto"
 
-    def collect(self, model, tok, it, g):
+    def collect(self, model, tok, it, g, partial=None):
         c = self.cfg
         recs = self.records(it)
         by_id = {t.id: t for t in envs.make(c.env, "train", n=c.n_train, seed=c.seed)}
         played = S.rollout(model, tok, c.env, [by_id[r["id"]] for r in recs], c.temperature, c.top_p,
-                           c.max_new_tokens, c.eval_batch, generator=g, desc=f"explore {it + 1}")
+                           c.max_new_tokens, c.eval_batch, generator=g, desc=f"explore {it + 1}", partial=partial)
         L = model.args.max_seq_len
         pairs = [(encode_trajectory(tok, S.to_messages(e), L), encode_trajectory(tok, S.to_messages(p), L))
                  for e, p in zip(recs, played) if p["reward"] < e["reward"]]

@@ -237,7 +237,7 @@ class Inverse(S.Method):
             self.discriminator().load_state_dict(d["disc"])
             self.disc_opt.load_state_dict(d["disc_opt"])
 
-    def collect(self, model, tok, it, g):
+    def collect(self, model, tok, it, g, partial=None):
         c = self.cfg
         recs = self.records(it)
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
@@ -344,12 +344,12 @@ class Outcome(Inverse):
 
     name, own = "ppo-outcome", True
 
-    def collect(self, model, tok, it, g):
+    def collect(self, model, tok, it, g, partial=None):
         c = self.cfg
         by_id = {t.id: t for t in envs.make(c.env, "train", n=c.n_train, seed=c.seed)}
         tasks = [by_id[r["id"]] for r in self.records(it) for _ in range(c.k)]  # a task's K rollouts side by side
         played = S.rollout(model, tok, c.env, tasks, c.temperature, c.top_p, c.max_new_tokens, c.eval_batch,
-                           generator=g, desc=f"explore {it + 1}")
+                           generator=g, desc=f"explore {it + 1}", partial=partial)
         R = torch.tensor([p["reward"] for p in played]).view(-1, c.k)  # (tasks, K)
         A, L = group_advantages(R, c.adv_std).flatten(), model.args.max_seq_len
         jobs, adv, rew = [], [], []

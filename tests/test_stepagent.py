@@ -350,3 +350,41 @@ def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypa
     assert [r["steps"] for r in recs] == [len(s) for s in script] and summary["success_rate"] == 1.0
     assert summary["invalid_steps"] == 3
     assert summary["invalid_share"] == pytest.approx(3 / sum(len(s) for s in script))
+
+
+def test_rollout_resumes_from_partial_batches(tiny, tmp_path, monkeypatch):
+    """A rollout killed after its second batch reruns only the batches left and returns the records
+    of an uninterrupted run: the partial file keeps the finished batches and the generator's state."""
+    import envs
+    model, tok = tiny
+    tasks = envs.make("webshop", "train", n=5, seed=0)
+
+    def play(partial=None):
+        g = torch.Generator().manual_seed(3)  # the same seed a rerun starts from, as train_iterations does
+        return S.rollout(model, tok, "webshop", tasks, 1.0, 1.0, 8, batch=2, generator=g, partial=partial)
+    whole = play()
+    path, saves, save = str(tmp_path / "run" / "partial.pt"), [], S.atomic_torch_save
+
+    def killed_after_two(obj, p):
+        save(obj, p)
+        saves.append(obj["done"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(S, "atomic_torch_save", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        play(path)
+    monkeypatch.setattr(S, "atomic_torch_save", save)
+    assert saves == [2, 4] and S.partial_seconds(path) > 0
+    widths, gen = [], M.generate
+
+    def counted(model, prompts, *a, **k):
+        widths.append(len(prompts))
+        return gen(model, prompts, *a, **k)
+    monkeypatch.setattr(M, "generate", counted)
+    resumed = play(path)
+    assert widths[0] == 1  # only the fifth task is played again
+    assert len({json.dumps(r["conversations"]) for r in whole}) > 1  # sampled, not one repeated answer
+    assert [(r["conversations"], r["reward"], r["steps"]) for r in resumed] == \
+        [(r["conversations"], r["reward"], r["steps"]) for r in whole]
+    S.drop_partial(path)
+    assert not os.path.exists(path)
