@@ -227,10 +227,10 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     Under torchrun each rank plays its shard of the tasks; every rank gets all records.
 
     partial: a file (one per rank under torchrun) that keeps the records of every finished batch
-    and the generator's state after it, written atomically. A rerun with the same file, tasks and
-    sampling settings skips those batches and plays the rest exactly as an uninterrupted run would
-    (a batch's draws depend only on the generator's state when it starts). The caller deletes the
-    file once it has kept the records (drop_partial)."""
+    and the generator's state after it. A rerun with the same file, tasks and sampling settings
+    skips those batches and plays the rest exactly as an uninterrupted run would (a batch's draws
+    depend only on the generator's state when it starts). The caller deletes the file once it has
+    kept the records (drop_partial)."""
     tasks = P.shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
@@ -238,15 +238,9 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     pool = [envs.load_env(env_name, **(env_kwargs or {})) for _ in range(min(batch, len(tasks)))]
     bar = tqdm(total=len(tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not P.is_main())
     key = {"tasks": [t.id for t in tasks], "sampling": [temperature, top_p, max_new_tokens, batch]}
-    start, earlier, t0, mine = 0, 0.0, time.time(), partial and _rank_path(partial)
-    if mine and os.path.exists(mine):
-        saved = torch.load(mine, weights_only=False)
-        if saved["key"] == key:
-            start, results, earlier = saved["done"], saved["results"], saved["seconds"]
-            if generator is not None:
-                generator.set_state(saved["generator"])
-            bar.update(start)
-            print(f"{desc}: resuming after {start} of {len(tasks)} tasks, kept in {mine}")
+    t0, mine = time.time(), partial and _rank_path(partial)
+    start, results, earlier = _resumed(mine, key, generator, desc) or (0, results, 0.0)
+    bar.update(start)
     for lo in range(start, len(tasks), batch):
         live = []
         for env, i in zip(pool, range(lo, min(lo + batch, len(tasks)))):
@@ -278,22 +272,44 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
                 cache.keep(kept)
             live = [live[j] for j in kept]
         if mine:
-            os.makedirs(os.path.dirname(mine) or ".", exist_ok=True)
-            atomic_torch_save({"key": key, "done": min(lo + batch, len(tasks)), "results": results,
-                               "generator": None if generator is None else generator.get_state(),
-                               "seconds": earlier + time.time() - t0}, mine)
+            _keep(mine, key, min(lo + batch, len(tasks)), results, generator, earlier + time.time() - t0)
     for env in pool:
         getattr(env, "close", lambda: None)()
     bar.close()
     return P.gather(results)
 
 
+# A partial file keeps the finished part of a long sampling loop (rollout's batches, inspect's records):
+# their results and the generator's state after them, so that a rerun plays only the rest, with the
+# same draws as an uninterrupted run. key names the work; a file written for other work is ignored.
+
+
 def _rank_path(path: str) -> str:
     return path if P.world() == 1 else f"{path}.rank{P.rank()}"
 
 
+def _resumed(mine: str | None, key: dict, generator, desc: str):
+    """(items done, results, seconds) kept in the partial file `mine` for the same key, with the
+    generator set to its state after them; None without such a file."""
+    if not mine or not os.path.exists(mine):
+        return None
+    saved = torch.load(mine, weights_only=False)
+    if saved["key"] != key:
+        return None
+    if generator is not None:
+        generator.set_state(saved["generator"])
+    tqdm.write(f"{desc}: resuming after {saved['done']} of {len(next(iter(key.values())))}, kept in {mine}")
+    return saved["done"], saved["results"], saved["seconds"]
+
+
+def _keep(mine: str, key: dict, done: int, results, generator, seconds: float) -> None:
+    os.makedirs(os.path.dirname(mine) or ".", exist_ok=True)
+    atomic_torch_save({"key": key, "done": done, "results": results, "seconds": seconds,
+                       "generator": None if generator is None else generator.get_state()}, mine)
+
+
 def partial_seconds(partial: str) -> float:
-    """Wall seconds of the batches a rollout's partial file kept from earlier runs (0 if none)."""
+    """Wall seconds of the work a partial file kept from earlier runs (0 if none)."""
     mine = _rank_path(partial)
     return torch.load(mine, weights_only=False)["seconds"] if os.path.exists(mine) else 0.0
 
@@ -729,16 +745,24 @@ def sample_practice_naive(model, tok, ids, bounds, k, temperature=1.0, top_p=1.0
 
 def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, top_p: float = 1.0,
             max_new_tokens: int = 64, generator=None, out_path: str | None = None, shared: bool = True,
-            log: Log | None = None) -> list[dict]:
+            log: Log | None = None, partial: str | None = None) -> list[dict]:
     """The inspection stage: K practices from every expert state of every trajectory, each compared
     with the expert's action. Returns step records (and writes them as JSONL to out_path):
     {traj_id, step, expert, expert_action, agent: [{text, action, match, logprob}]}.
-    Under torchrun each rank inspects its shard of the records; every rank gets all step records."""
+    Under torchrun each rank inspects its shard of the records; every rank gets all step records.
+    partial: as rollout's, kept after every record (a kill loses only the record being inspected)."""
     sampler = sample_practice if shared else sample_practice_naive
-    per_rec, skipped = [], 0  # per_rec: the step records of each of this rank's records
+    mine, t0, shard, desc = partial and _rank_path(partial), time.time(), P.shard(records), f"inspect K={k}"
+    key = {"records": [r["id"] for r in shard], "sampling": [k, temperature, top_p, max_new_tokens, shared]}
+    # per_rec: the step records of each of this rank's records
+    start, (per_rec, skipped), earlier = _resumed(mine, key, generator, desc) or (0, ([], 0), 0.0)
     was_training = model.training
     model.eval()
-    for rec in tqdm(P.shard(records), desc=f"inspect K={k}", leave=False, dynamic_ncols=True, disable=not P.is_main()):
+    for r, rec in enumerate(tqdm(shard, desc=desc, leave=False, dynamic_ncols=True, disable=not P.is_main())):
+        if r < start:
+            continue
+        if mine and r > start:  # records 0..r-1 done
+            _keep(mine, key, r, (per_rec, skipped), generator, earlier + time.time() - t0)
         msgs = to_messages(rec)
         ids, spans = turn_spans(tok, msgs)
         fits = [i for i, (s, _) in enumerate(spans) if s + max_new_tokens <= model.args.max_seq_len]
@@ -760,6 +784,8 @@ def inspect(model, tok, records: list[dict], k: int, temperature: float = 1.0, t
                               "logprob": float(sum(lps[j]))})
             rec_steps.append({"traj_id": rec["id"], "step": t, "expert": experts[t],
                               "expert_action": envs.parse_action(experts[t]), "agent": agent})
+    if mine and len(shard) > start:
+        _keep(mine, key, len(shard), (per_rec, skipped), generator, earlier + time.time() - t0)
     model.train(was_training)
     steps = [s for rec_steps in P.gather(per_rec) for s in rec_steps]
     skipped = P.all_sum({"skipped": skipped})["skipped"]
@@ -914,7 +940,7 @@ class Method:
              this iteration's experience (inspection, or rollouts for the baselines) with whatever
              must be computed under the iteration's starting policy (pi_ref, pi_old); picklable,
              cached in <run>/collect-<it>.pt so a resumed iteration trains on the same data;
-             rollouts pass partial on to rollout() so that a killed collect keeps its finished batches
+             partial: a file for rollout() / inspect() to keep their finished part in (a killed collect resumes)
     n_updates(data) -> number of optimiser steps this iteration
     update(model, opt, data, b, it) -> metrics dict: the b-th update (forward, backward, step)
     state_dict() / load_state_dict(d): training state beyond the policy and its optimiser
@@ -1004,10 +1030,11 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
 
     Files in <out>/<method.name>: metrics.jsonl (one line per optimiser step, plus iteration events, and a
     reevaluation event when a saved iteration's evaluation is re-run), collect-<it>.pt (and its
-    wall time, collect-<it>-seconds.json; collect-<it>-rollouts.pt keeps a killed collect's finished
-    rollout batches until collect-<it>.pt is written), eval-iter<it>-{dev,test}/ (summary.json, trajectories.json),
-    iter<it>/ (the policy in the Hugging Face layout), last/ (policy + optimiser + method state + trainer_state.json,
-    written every save_every steps). Rerunning the same command after a crash or kill -9 resumes
+    wall time, collect-<it>-seconds.json; collect-<it>-partial.pt keeps a killed collect's finished
+    rollout batches or inspected records until collect-<it>.pt is written),
+    eval-iter<it>-{dev,test}/ (summary.json, trajectories.json), iter<it>/ (the policy in the Hugging
+    Face layout), last/ (policy + optimiser + method state + trainer_state.json, written every
+    save_every steps). Rerunning the same command after a crash or kill -9 resumes
     from last/ and ends with the same numbers as an uninterrupted run. Returns the table rows.
 
     Under torchrun every rank runs this loop: collect shards its inspection / rollouts and gathers
@@ -1055,7 +1082,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                 if os.path.exists(took):
                     timed.update(json.load(open(took)))
             else:
-                partial = os.path.join(run, f"collect-{it + 1}-rollouts.pt")  # a killed collect's finished batches
+                partial = os.path.join(run, f"collect-{it + 1}-partial.pt")  # a killed collect's finished part
                 t0 -= partial_seconds(partial)
                 seed_all(cfg.seed * 1000 + it)
                 g = torch.Generator(device=model.device).manual_seed(P.rank_seed(cfg.seed * 1000 + it))

@@ -138,7 +138,8 @@ class StepDPO(S.Method):
         c = self.cfg
         recs = self.records(it)
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
-                          f"{c.out}/{self.name}/inspect-{it + 1}.jsonl", log=S.Log(f"{c.out}/{self.name}/metrics.jsonl"))
+                          f"{c.out}/{self.name}/inspect-{it + 1}.jsonl",
+                          log=S.Log(f"{c.out}/{self.name}/metrics.jsonl"), partial=partial)
         jobs = build_jobs(tok, recs, steps)
         with torch.no_grad(), S.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
             ref = [tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0])

@@ -242,7 +242,7 @@ class Inverse(S.Method):
         recs = self.records(it)
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
                           os.path.join(c.out, self.name, f"inspect-{it + 1}.jsonl"),
-                          log=lambda **kv: self.log(**kv, iteration=it + 1))
+                          log=lambda **kv: self.log(**kv, iteration=it + 1), partial=partial)
         by_traj: dict[str, list[dict]] = {}
         for s in steps:
             by_traj.setdefault(s["traj_id"], []).append(s)

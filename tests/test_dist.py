@@ -113,3 +113,5 @@ def test_reflection_two_processes_take_the_one_process_steps(novices, one_proces
     assert [x["iteration"] for x in mb if x.get("event") == "iteration"] == [1, 2]
     assert stdout.count(" iter 2 |") == 1
     assert json.load(open(os.path.join(b, method, "eval-iter2-test", "summary.json")))["n"] == 2
+    # each rank kept its share of the collect and the evaluations in a partial file of its own, then dropped it
+    assert not [f for f in _files(b) if "partial.pt" in f]

@@ -227,8 +227,8 @@ def test_outcome_ppo_smoke(novice, tmp_path):
     assert [x["iteration"] for x in pg] == [1] * 4 + [2] * 4 and not any("losses/disc" in x for x in lines)
     assert pg[0]["losses/kl"] == 0 and pg[0]["policy/clip_frac"] == 0
     assert os.path.exists(os.path.join(out, "ppo-outcome", "iter2", "model.safetensors"))
-    # the rollouts' partial files (collect-<it>-rollouts.pt, eval-*/partial.pt) are gone once kept
-    left = [f for _, _, fs in os.walk(out) for f in fs if f.endswith("rollouts.pt") or f == "partial.pt"]
+    # the rollouts' partial files (collect-<it>-partial.pt, eval-*/partial.pt) are gone once kept
+    left = [f for _, _, fs in os.walk(out) for f in fs if f.endswith("partial.pt")]
     assert left == [] and os.path.exists(os.path.join(out, "ppo-outcome", "collect-2.pt"))
     r = subprocess.run([sys.executable, "train_irl.py", "--reward", "logitt"], capture_output=True, text=True)
     assert r.returncode != 0 and "--reward 'logitt'" in r.stderr and "Traceback" not in r.stderr

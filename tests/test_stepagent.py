@@ -388,3 +388,38 @@ def test_rollout_resumes_from_partial_batches(tiny, tmp_path, monkeypatch):
         [(r["conversations"], r["reward"], r["steps"]) for r in whole]
     S.drop_partial(path)
     assert not os.path.exists(path)
+
+
+def test_inspect_resumes_from_partial_records(tiny, tmp_path, monkeypatch):
+    """Inspection killed in its third record reruns from that record and returns the step records
+    (texts, matches, log-probs) of an uninterrupted inspection."""
+    model, tok = tiny
+    conv = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONV]
+    recs = [{"id": f"t{i}", "conversations": conv[:2 * (i % 3) + 4]} for i in range(4)]
+
+    def run(partial=None):
+        g = torch.Generator().manual_seed(5)
+        return S.inspect(model, tok, recs, 2, 1.0, 1.0, 6, g, partial=partial)
+    whole = run()
+    path, saves, save = str(tmp_path / "collect-1-partial.pt"), [], S.atomic_torch_save
+
+    def killed(obj, p):
+        save(obj, p)
+        saves.append(obj["done"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(S, "atomic_torch_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(path)
+    monkeypatch.setattr(S, "atomic_torch_save", save)
+    assert saves == [1, 2]  # kept after records 1 and 2, killed in record 3
+    sampled, practice = [], S.sample_practice
+
+    def counted(model, tok, ids, *a, **k):
+        sampled.append(ids)
+        return practice(model, tok, ids, *a, **k)
+    monkeypatch.setattr(S, "sample_practice", counted)
+    resumed = run(path)
+    assert len(sampled) == 2  # records 3 and 4 only
+    assert len({a["text"] for s in whole for a in s["agent"]}) > 2  # sampled practices
+    assert resumed == whole
