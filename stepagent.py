@@ -1168,8 +1168,10 @@ def main(argv: list[str] | None = None) -> None:
         recs = expert_data(cfg)[: cfg.n_inspect or None]
         path = os.path.join(cfg.out, "inspect.jsonl")
         g = torch.Generator(device=model.device).manual_seed(P.rank_seed(cfg.seed))
+        partial = os.path.join(cfg.out, "inspect-partial.pt")  # a killed inspection's finished records
         steps = inspect(model, tok, recs, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, g, path,
-                        log=Log(os.path.join(cfg.out, "inspect_metrics.jsonl")))
+                        log=Log(os.path.join(cfg.out, "inspect_metrics.jsonl")), partial=partial)
+        drop_partial(partial)
         print(f"{len(steps)} step records in {path}")
 
 

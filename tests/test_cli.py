@@ -52,6 +52,8 @@ def test_inspect_and_eval_commands(run_dir):
     assert {s["traj_id"] for s in steps} == {r["id"] for r in experts}
     out = run("stepagent.py", "eval", *MICRO, "--out", run_dir, "--split", "test_unseen")
     assert '"split": "test_unseen"' in out
+    # both commands kept their finished part in a partial file and dropped it once done
+    assert not [f for _, _, fs in os.walk(run_dir) for f in fs if "partial" in f]
 
 
 def test_bad_option_is_one_line_error(run_dir):
