@@ -352,6 +352,23 @@ def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypa
     assert summary["invalid_share"] == pytest.approx(3 / sum(len(s) for s in script))
 
 
+def _killed_after_two_saves(work, path, monkeypatch) -> list[int]:
+    """Run work(path), killed (KeyboardInterrupt) just after its partial file's second save; the
+    'done' counts it saved."""
+    saves, save = [], S.atomic_torch_save
+
+    def killed(obj, p):
+        save(obj, p)
+        saves.append(obj["done"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(S, "atomic_torch_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        work(path)
+    monkeypatch.setattr(S, "atomic_torch_save", save)
+    return saves
+
+
 def test_rollout_resumes_from_partial_batches(tiny, tmp_path, monkeypatch):
     """A rollout killed after its second batch reruns only the batches left and returns the records
     of an uninterrupted run: the partial file keeps the finished batches and the generator's state."""
@@ -363,18 +380,8 @@ def test_rollout_resumes_from_partial_batches(tiny, tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(3)  # the same seed a rerun starts from, as train_iterations does
         return S.rollout(model, tok, "webshop", tasks, 1.0, 1.0, 8, batch=2, generator=g, partial=partial)
     whole = play()
-    path, saves, save = str(tmp_path / "run" / "partial.pt"), [], S.atomic_torch_save
-
-    def killed_after_two(obj, p):
-        save(obj, p)
-        saves.append(obj["done"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(S, "atomic_torch_save", killed_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        play(path)
-    monkeypatch.setattr(S, "atomic_torch_save", save)
-    assert saves == [2, 4] and S.partial_seconds(path) > 0
+    path = str(tmp_path / "run" / "partial.pt")
+    assert _killed_after_two_saves(play, path, monkeypatch) == [2, 4] and S.partial_seconds(path) > 0
     widths, gen = [], M.generate
 
     def counted(model, prompts, *a, **k):
@@ -401,18 +408,8 @@ def test_inspect_resumes_from_partial_records(tiny, tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(5)
         return S.inspect(model, tok, recs, 2, 1.0, 1.0, 6, g, partial=partial)
     whole = run()
-    path, saves, save = str(tmp_path / "collect-1-partial.pt"), [], S.atomic_torch_save
-
-    def killed(obj, p):
-        save(obj, p)
-        saves.append(obj["done"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(S, "atomic_torch_save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(path)
-    monkeypatch.setattr(S, "atomic_torch_save", save)
-    assert saves == [1, 2]  # kept after records 1 and 2, killed in record 3
+    path = str(tmp_path / "collect-1-partial.pt")
+    assert _killed_after_two_saves(run, path, monkeypatch) == [1, 2]  # kept after records 1 and 2, killed in 3
     sampled, practice = [], S.sample_practice
 
     def counted(model, tok, ids, *a, **k):
