@@ -229,8 +229,8 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
     partial: a file (one per rank under torchrun) that keeps the records of every finished batch
     and the generator's state after it. A rerun with the same file, tasks and sampling settings
     skips those batches and plays the rest exactly as an uninterrupted run would (a batch's draws
-    depend only on the generator's state when it starts). The caller deletes the file once it has
-    kept the records (drop_partial)."""
+    depend only on the generator's state when it starts); other tasks or settings stop the run with an
+    error naming the file. The caller deletes the file once it has kept the records (drop_partial)."""
     tasks = P.shard(tasks)
     results = [None] * len(tasks)
     budget = model.args.max_seq_len - max_new_tokens
@@ -281,7 +281,7 @@ def rollout(model: M.Transformer, tok: M.Tokenizer, env_name: str, tasks: list[e
 
 # A partial file keeps the finished part of a long sampling loop (rollout's batches, inspect's records):
 # their results and the generator's state after them, so that a rerun plays only the rest, with the
-# same draws as an uninterrupted run. key names the work; a file written for other work is ignored.
+# same draws as an uninterrupted run. key names the work; a file written for other work stops the run.
 
 
 def _rank_path(path: str) -> str:
@@ -290,12 +290,15 @@ def _rank_path(path: str) -> str:
 
 def _resumed(mine: str | None, key: dict, generator, desc: str):
     """(items done, results, seconds) kept in the partial file `mine` for the same key, with the
-    generator set to its state after them; None without such a file."""
+    generator set to its state after them; None without such a file. A file kept for other work (another
+    key) stops the run rather than be overwritten."""
     if not mine or not os.path.exists(mine):
         return None
     saved = torch.load(mine, weights_only=False)
-    if saved["key"] != key:
-        return None
+    if saved["key"] != key:  # never overwrite kept work silently (nor count its seconds as this work's)
+        differ = ", ".join(f for f in key if saved["key"].get(f) != key[f])
+        sys.exit(f"error: {mine} keeps part of other work (different {differ}); rerun with the settings "
+                 f"that wrote it, or delete the file to start over")
     if generator is not None:
         generator.set_state(saved["generator"])
     tqdm.write(f"{desc}: resuming after {saved['done']} of {len(next(iter(key.values())))}, kept in {mine}")

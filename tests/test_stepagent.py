@@ -376,12 +376,15 @@ def test_rollout_resumes_from_partial_batches(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     tasks = envs.make("webshop", "train", n=5, seed=0)
 
-    def play(partial=None):
+    def play(partial=None, temperature=1.0):
         g = torch.Generator().manual_seed(3)  # the same seed a rerun starts from, as train_iterations does
-        return S.rollout(model, tok, "webshop", tasks, 1.0, 1.0, 8, batch=2, generator=g, partial=partial)
+        return S.rollout(model, tok, "webshop", tasks, temperature, 1.0, 8, batch=2, generator=g, partial=partial)
     whole = play()
     path = str(tmp_path / "run" / "partial.pt")
     assert _killed_after_two_saves(play, path, monkeypatch) == [2, 4] and S.partial_seconds(path) > 0
+    with pytest.raises(SystemExit, match=f"{path} keeps part of other work \\(different sampling\\)"):
+        play(path, temperature=0.5)  # other settings: the kept batches are neither reused nor overwritten
+    assert torch.load(path, weights_only=False)["done"] == 4
     widths, gen = [], M.generate
 
     def counted(model, prompts, *a, **k):
