@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import hashlib
 import io
 import json
 import math
@@ -208,12 +210,15 @@ def mean_spread(values: list[float]) -> tuple[float, float | None]:
 # What the report reads from the run folders is also kept in results/records.json beside RESULTS.md
 # (committed), so RESULTS.md can be regenerated where the run folders are not: a fresh clone, another
 # machine. A file on disk is always read, and its record refreshed; a record stands in for its file
-# only where the file's whole (env, seed) folder is absent, and only in a section whose command has
-# the options (--envs, --seeds and --methods aside) of the one that read it: other options make other runs.
+# where the file's whole (env, seed) folder is absent, or where its run is absent and the folder's
+# finished novice has the weights (sha256, `novice_digest`) of the novice the record's runs started
+# from: a cell made in parts on machines that do not keep runs/, the novice retrained to the same
+# weights each time. A record stands in only in a section whose command has the options (--envs,
+# --seeds and --methods aside) of the one that read it: other options make other runs.
 # A record's path is relative to its own command's --out (each section reads its cells there), so a
 # sweep made with --out elsewhere and the table made in the default folder keep their records apart and
 # a report from any --out finds both.
-_REC = {"out": ".", "section": "", "old": {}, "new": {}, "found": 0, "before": ""}
+_REC = {"out": ".", "section": "", "old": {}, "new": {}, "found": 0, "before": "", "digest": {}}
 
 
 def records_path(results: str) -> str:
@@ -228,16 +233,58 @@ def section_key(key: str, argv: list[str]) -> str:
 
 
 def kept(cell: str, path: str, read, tag: str = ""):
-    """read() when path is on disk; else, when its (env, seed) folder `cell` is not here at all, what
-    records.json kept of it for this section; else None (a cell folder here is the truth: a file missing
-    from it is not computed). A value found is kept for the next records.json either way."""
-    key = os.path.relpath(path, _REC["out"]) + tag
-    value = read() if os.path.exists(path) else None if os.path.isdir(cell) else \
-        _REC["old"].get(_REC["section"], {}).get(key)
+    """read() when path is on disk; else what records.json kept of it for this section, when its (env,
+    seed) folder `cell` is not here at all, or when the run the file belongs to (<cell>/<method>, or one
+    novice evaluation <cell>/eval/sft-<split>) is not here and the cell holds the same finished novice
+    as the record's (a retrained one); else None (a run here is the truth: a file missing from it is not
+    computed; the cell's records are carried to the next records.json while its novice trains, and
+    dropped once it differs). A value found is kept for the next records.json either way, with its
+    cell's novice digest."""
+    key, dkey = os.path.relpath(path, _REC["out"]) + tag, os.path.relpath(cell, _REC["out"]) + "#novice"
+    old, new = _REC["old"].get(_REC["section"], {}), {}
+    parts = os.path.relpath(path, cell).split(os.sep)
+    unit = os.path.join(cell, *parts[:2 if parts[0] == "eval" else 1])  # the method's run, or one novice evaluation
+    if os.path.exists(path):
+        value, digest = read(), novice_digest(cell)
+    elif not os.path.isdir(cell) or (not os.path.exists(unit) and (novice_digest(cell) or False) == old.get(dkey)):
+        value, digest = old.get(key), old.get(dkey)
+    else:
+        value = digest = None
+        if novice_digest(cell) is None:  # the novice still trains: nothing to compare yet, keep the cell's records
+            here = os.path.relpath(cell, _REC["out"])
+            new.update({k: v for k, v in old.items() if k == dkey or k.startswith(here + os.sep)})
     if value is not None:
-        _REC["new"].setdefault(_REC["section"], {})[key] = value
+        new[key] = value
+        if digest is not None:
+            new[dkey] = digest
         _REC["found"] += 1
+    if new:
+        _REC["new"].setdefault(_REC["section"], {}).update(new)
     return value
+
+
+def novice_finished(cell: str) -> bool:
+    """Whether <cell>/sft holds the novice at the end of its epochs (novice.json's; a novice older than
+    novice.json finished)."""
+    path, made = os.path.join(cell, "sft", "trainer_state.json"), os.path.join(cell, "novice.json")
+    if not os.path.exists(path):
+        return False
+    opts = json.load(open(made)) if os.path.exists(made) else None
+    return not opts or json.load(open(path))["epoch"] >= opts["sft_epochs"] + opts.get("pretrain_epochs", 0)
+
+
+def novice_digest(cell: str) -> str | None:
+    """sha256 of the cell's finished novice's weight files (<cell>/sft/*.safetensors, by name); None
+    while it trains or where there is none. Read once per report."""
+    if cell not in _REC["digest"]:
+        files = sorted(glob.glob(os.path.join(cell, "sft", "*.safetensors")))
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        _REC["digest"][cell] = h.hexdigest() if files and novice_finished(cell) else None
+    return _REC["digest"][cell]
 
 
 def eval_folder(cell: str, name: str, split: str, it: int) -> str:
@@ -303,14 +350,8 @@ def fmt(vals: dict[int, float], n_seeds: int) -> str:
 def updates(cell: str, name: str, iterations: int) -> int | None:
     """Optimiser steps (StepAgent-Inverse: D steps + policy steps) through iteration `iterations`."""
     if name == "novice":
-        path, made = os.path.join(cell, "sft", "trainer_state.json"), os.path.join(cell, "novice.json")
-
-        def read_novice():  # its epochs as train_sft counts them (pretrain_epochs: the tiny preset's only)
-            state, opts = json.load(open(path)), json.load(open(made)) if os.path.exists(made) else None
-            if opts and state["epoch"] < opts["sft_epochs"] + opts.get("pretrain_epochs", 0):
-                return None  # still training: not the budget yet (novices older than novice.json all finished)
-            return state["step"]
-        return kept(cell, path, read_novice)
+        path = os.path.join(cell, "sft", "trainer_state.json")  # its steps once finished (not the budget before)
+        return kept(cell, path, lambda: json.load(open(path))["step"] if novice_finished(cell) else None)
     path = os.path.join(cell, name, "metrics.jsonl")
 
     def read():
@@ -794,7 +835,7 @@ def report(out: str, results: str) -> None:
     defaults = TableConfig()
     recorded.setdefault("table", [["table", *(["--out", out] if out != defaults.out else []),
                                    *(["--results", results] if results != defaults.results else [])]])
-    _REC.update(old=json.load(open(store)).get("cells", {}) if os.path.exists(store) else {}, new={})
+    _REC.update(old=json.load(open(store)).get("cells", {}) if os.path.exists(store) else {}, new={}, digest={})
     _REC["before"] = open(results).read() if os.path.exists(results) else ""
     plot_dir = os.path.dirname(store)
     text = ["# Results", "", "Generated by `results.py` (do not edit by hand): the numbers here are whatever the "
