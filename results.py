@@ -211,7 +211,7 @@ def mean_spread(values: list[float]) -> tuple[float, float | None]:
 # (committed), so RESULTS.md can be regenerated where the run folders are not: a fresh clone, another
 # machine. A file on disk is always read, and its record refreshed; a record stands in for its file
 # where the file's whole (env, seed) folder is absent, or where its run is absent and the folder's
-# finished novice has the weights (sha256, `novice_digest`) of the novice the record's runs started
+# finished novice has the weights (sha256, `novice_digest`) of the novice the record's run started
 # from: a cell made in parts on machines that do not keep runs/, the novice retrained to the same
 # weights each time. A record stands in only in a section whose command has the options (--envs,
 # --seeds and --methods aside) of the one that read it: other options make other runs.
@@ -235,24 +235,24 @@ def section_key(key: str, argv: list[str]) -> str:
 def kept(cell: str, path: str, read, tag: str = ""):
     """read() when path is on disk; else what records.json kept of it for this section, when its (env,
     seed) folder `cell` is not here at all, or when the run the file belongs to (<cell>/<method>, or one
-    novice evaluation <cell>/eval/sft-<split>) is not here and the cell holds the same finished novice
-    as the record's (a retrained one); else None (a run here is the truth: a file missing from it is not
-    computed; the cell's records are carried to the next records.json while its novice trains, and
-    dropped once it differs). A value found is kept for the next records.json either way, with its
-    cell's novice digest."""
-    key, dkey = os.path.relpath(path, _REC["out"]) + tag, os.path.relpath(cell, _REC["out"]) + "#novice"
-    old, new = _REC["old"].get(_REC["section"], {}), {}
+    novice evaluation <cell>/eval/sft-<split>) is not here and the cell holds a finished novice with the
+    weights that run started from (its digest, kept per run as <run>#novice); else None (a run here is
+    the truth: a file missing from it is not computed). An absent run's records are carried to the next
+    records.json while the novice trains and where they have no digest (kept before digests were), and
+    dropped once the digests differ. A value found is kept for the next records.json either way."""
+    rel = lambda p: os.path.relpath(p, _REC["out"])  # noqa: E731
     parts = os.path.relpath(path, cell).split(os.sep)
     unit = os.path.join(cell, *parts[:2 if parts[0] == "eval" else 1])  # the method's run, or one novice evaluation
+    key, dkey = rel(path) + tag, rel(unit) + "#novice"
+    old, new = _REC["old"].get(_REC["section"], {}), {}
     if os.path.exists(path):
         value, digest = read(), novice_digest(cell)
     elif not os.path.isdir(cell) or (not os.path.exists(unit) and (novice_digest(cell) or False) == old.get(dkey)):
         value, digest = old.get(key), old.get(dkey)
     else:
         value = digest = None
-        if novice_digest(cell) is None:  # the novice still trains: nothing to compare yet, keep the cell's records
-            here = os.path.relpath(cell, _REC["out"])
-            new.update({k: v for k, v in old.items() if k == dkey or k.startswith(here + os.sep)})
+        if not os.path.exists(unit) and (novice_digest(cell) is None or dkey not in old):  # nothing to compare
+            new.update({k: v for k, v in old.items() if k == dkey or k.startswith(rel(unit) + os.sep)})  # (not shown)
     if value is not None:
         new[key] = value
         if digest is not None:
