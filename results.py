@@ -24,8 +24,8 @@ novice that all five methods start from; each method runs through stepagent.trai
 config its own script would build, so <out>/hotpotqa-seed1/eto is what
 `python train_implicit.py --level trajectory --env hotpotqa --seed 1 --n_test 200 --dim 256
 --n_layers 4 --n_heads 4 --out <out>/hotpotqa-seed1`
-makes. Every number is read back from a summary.json there (or, where that (env, seed) folder is not
-on this machine, from results/records.json: what the last report read, committed; see `kept`); runs,
+makes. Every number is read back from a summary.json there (or, where that (env, seed) folder or that
+run is not on this machine, from results/records.json: what the last report read, committed; see `kept`); runs,
 evaluations and checkpoints are cached, so rerunning a command after an interruption continues and
 finished cells cost nothing. Cells
 run seed by seed (every env's seed 0, then every env's seed 1, ...), so a partial table spans the envs.
