@@ -240,19 +240,21 @@ def kept(cell: str, path: str, read, tag: str = ""):
     the truth: a file missing from it is not computed). An absent run's records are carried to the next
     records.json while the novice trains and where they have no digest (kept before digests were), and
     dropped once the digests differ. A value found is kept for the next records.json either way."""
-    rel = lambda p: os.path.relpath(p, _REC["out"])  # noqa: E731
     parts = os.path.relpath(path, cell).split(os.sep)
     unit = os.path.join(cell, *parts[:2 if parts[0] == "eval" else 1])  # the method's run, or one novice evaluation
-    key, dkey = rel(path) + tag, rel(unit) + "#novice"
+    run = os.path.relpath(unit, _REC["out"])
+    key, dkey = os.path.relpath(path, _REC["out"]) + tag, run + "#novice"
     old, new = _REC["old"].get(_REC["section"], {}), {}
+    started_from = old.get(dkey)  # the digest of the novice the recorded run started from, if recorded
     if os.path.exists(path):
         value, digest = read(), novice_digest(cell)
-    elif not os.path.isdir(cell) or (not os.path.exists(unit) and (novice_digest(cell) or False) == old.get(dkey)):
-        value, digest = old.get(key), old.get(dkey)
+    elif not os.path.isdir(cell) or (not os.path.exists(unit) and started_from is not None
+                                     and novice_digest(cell) == started_from):
+        value, digest = old.get(key), started_from
     else:
         value = digest = None
-        if not os.path.exists(unit) and (novice_digest(cell) is None or dkey not in old):  # nothing to compare
-            new.update({k: v for k, v in old.items() if k == dkey or k.startswith(rel(unit) + os.sep)})  # (not shown)
+        if not os.path.exists(unit) and (novice_digest(cell) is None or started_from is None):  # nothing to compare
+            new.update({k: v for k, v in old.items() if k == dkey or k.startswith(run + os.sep)})  # (not shown)
     if value is not None:
         new[key] = value
         if digest is not None:
