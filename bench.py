@@ -8,6 +8,7 @@
     python bench.py pad        # a long and a short row in one update: one padded forward vs length groups
     python bench.py rollout    # multi-turn rollouts with keys/values kept across turns vs re-prefilled
     python bench.py amp        # a training step under bf16 autocast vs fp32 on this CPU (what --amp auto picks)
+    python bench.py denormals  # a won DPO pair's backward with denormal floats kept vs flushed (model.py's setting)
     python bench.py all        # everything above (the README's table)
     python bench.py train --shape 1b --batch 4 --seq 2048   # GPU: SFT / step-DPO tokens/s, MFU (not in all)
 
@@ -288,6 +289,56 @@ def bench_pad(a) -> None:
         (tp, mp, lp), (tg, mg, lg) = out[math.inf], out[0.5]
         row(name, " + ".join(map(str, lens)), f"{len(lens) * max(lens)} / {sum(len(g) * max(lens[i] for i in g) for g in S.length_groups(lens))}", f"{tp:.2f}", f"{tg:.2f}",
             f"{tp / tg:.2f}x", f"{mp:.2f} / {mg:.2f}", "yes" if math.isclose(lp, lg, rel_tol=1e-5) else f"no: {lp} vs {lg}")
+
+
+def _saturated_step(q, path: str, recs: list[dict], scale: float, flush: bool, repeat: int, threads: int) -> None:
+    """In a fresh process (its worker threads start with `flush`): forward + backward of the summed
+    log-probs of whole trajectories, scaled as a won DPO pair scales its gradient."""
+    import stepagent as S
+
+    torch.set_flush_denormal(flush)  # before the first parallel op: the worker threads copy it then
+    torch.set_num_threads(threads)
+    model, tok = M.load_model(path)
+    model.train()
+    rows = [tok.encode_chat(S.to_messages(r)) for r in recs]
+    x, tm = S.collate(rows, tok.pad_id, model.device)
+
+    def fn():
+        model.zero_grad(set_to_none=True)
+        (M.token_logprobs(model, x, tm).sum() * scale).backward()
+        return math.sqrt(sum((p.grad.double() / scale).square().sum().item() for p in model.parameters()))
+
+    q.put((timeit(fn, repeat), fn(), tuple(x.shape)))
+
+
+def bench_denormals(a) -> None:
+    """The backward pass of a DPO update whose pairs are long won (ETO on household, late in an
+    iteration): denormal floats kept vs flushed to zero (model.py's setting), each in its own process."""
+    import multiprocessing
+    import tempfile
+
+    z, beta = 70.0, 0.1
+    scale = beta * torch.sigmoid(torch.tensor(-z, dtype=torch.float64)).item()  # d loss / d log-prob
+    print(f"\n## a won DPO pair's backward (gradient scale beta * sigmoid(-{z:.0f}) = {scale:.1e}): "
+          "denormals kept vs flushed\n")
+    row("model", "batch x tokens", "kept (s)", "flushed (s)", "speed-up", "grad norm / scale, kept / flushed")
+    row(*["---"] * 6)
+    ctx = multiprocessing.get_context("spawn")
+    for name, model, tok, recs in models_for_bench(a):
+        if name.startswith("tiny"):
+            path = tempfile.mkdtemp()
+            M.save_model(model, tok, path)
+        else:
+            path = smollm2_dir(a.smollm2)
+        out = {}
+        for flush in (False, True):
+            q = ctx.Queue()
+            p = ctx.Process(target=_saturated_step, args=(q, path, recs[:1], scale, flush, a.repeat, a.threads))
+            p.start()
+            out[flush] = q.get()
+            p.join()
+        (tk, gk, shape), (tf, gf, _) = out[False], out[True]
+        row(name, " x ".join(map(str, shape)), f"{tk:.2f}", f"{tf:.2f}", f"{tk / tf:.1f}x", f"{gk:.4e} / {gf:.4e}")
 
 
 def bench_blocks(a) -> None:
@@ -604,7 +655,7 @@ def bench_train(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "pad", "blocks", "rollout", "amp", "train", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "pad", "blocks", "rollout", "amp", "denormals", "train", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--smollm2", default=None)
@@ -622,7 +673,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
-                     ("dpo", bench_dpo), ("pad", bench_pad), ("blocks", bench_blocks), ("rollout", bench_rollout), ("amp", bench_amp), ("train", bench_train)):
+                     ("dpo", bench_dpo), ("pad", bench_pad), ("blocks", bench_blocks), ("rollout", bench_rollout), ("amp", bench_amp),
+                     ("denormals", bench_denormals), ("train", bench_train)):
         if a.what == name or (a.what == "all" and name != "train"):  # train: a GPU bench
             fn(a)
 
