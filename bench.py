@@ -172,6 +172,32 @@ def models_for_bench(a):
         yield "SmolLM2-135M", m, t, recs[:2]
 
 
+def model_paths_for_bench(a):
+    """models_for_bench's models as checkpoint folders, for benches that load them in a fresh process."""
+    import tempfile
+
+    for name, model, tok, recs in models_for_bench(a):
+        if name.startswith("tiny"):
+            path = tempfile.mkdtemp()
+            M.save_model(model, tok, path)
+        else:
+            path = smollm2_dir(a.smollm2)
+        yield name, path, tok, recs
+
+
+def in_fresh_process(target, *args):
+    """target(queue, *args) in a spawned process; returns what it put on the queue."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(q, *args))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
 def bench_inspect(a) -> None:
     import stepagent as S
 
@@ -260,8 +286,6 @@ def bench_pad(a) -> None:
     the mix that ScienceWorld's traj_batch 2 gives (7,012 and 716 tokens in one update): one padded
     forward vs score_packed's length groups, each in its own process."""
     import math
-    import multiprocessing
-    import tempfile
 
     import stepagent as S
 
@@ -269,23 +293,11 @@ def bench_pad(a) -> None:
     row("model", "row tokens", "tokens forwarded, padded / grouped", "padded (s)", "grouped (s)", "speed-up",
         "peak RSS growth, padded / grouped (GiB)", "same loss")
     row(*["---"] * 8)
-    for name, model, tok, recs in models_for_bench(a):
-        if name.startswith("tiny"):
-            path = tempfile.mkdtemp()
-            M.save_model(model, tok, path)
-        else:
-            path = smollm2_dir(a.smollm2)
+    for name, path, tok, recs in model_paths_for_bench(a):
         ids, spans, cands = score_jobs(tok, recs[:1], a.k)[0]  # 10 states, K candidates each
         jobs = [(ids, spans, cands), (ids[:spans[0][1]], spans[:1], [c for c in cands if c[0] == 0])]
         lens = [len(S.pack_row(*j)[0]) for j in jobs]
-        out = {}
-        ctx = multiprocessing.get_context("spawn")
-        for slack in (math.inf, 0.5):
-            q = ctx.Queue()
-            p = ctx.Process(target=_pad_step, args=(q, path, jobs, slack, a.repeat, a.threads))
-            p.start()
-            out[slack] = q.get()
-            p.join()
+        out = {slack: in_fresh_process(_pad_step, path, jobs, slack, a.repeat, a.threads) for slack in (math.inf, 0.5)}
         (tp, mp, lp), (tg, mg, lg) = out[math.inf], out[0.5]
         row(name, " + ".join(map(str, lens)), f"{len(lens) * max(lens)} / {sum(len(g) * max(lens[i] for i in g) for g in S.length_groups(lens))}", f"{tp:.2f}", f"{tg:.2f}",
             f"{tp / tg:.2f}x", f"{mp:.2f} / {mg:.2f}", "yes" if math.isclose(lp, lg, rel_tol=1e-5) else f"no: {lp} vs {lg}")
@@ -314,29 +326,15 @@ def _saturated_step(q, path: str, recs: list[dict], scale: float, flush: bool, r
 def bench_denormals(a) -> None:
     """The backward pass of a DPO update whose pairs are long won (ETO on household, late in an
     iteration): denormal floats kept vs flushed to zero (model.py's setting), each in its own process."""
-    import multiprocessing
-    import tempfile
-
     z, beta = 70.0, 0.1
     scale = beta * torch.sigmoid(torch.tensor(-z, dtype=torch.float64)).item()  # d loss / d log-prob
     print(f"\n## a won DPO pair's backward (gradient scale beta * sigmoid(-{z:.0f}) = {scale:.1e}): "
           "denormals kept vs flushed\n")
     row("model", "batch x tokens", "kept (s)", "flushed (s)", "speed-up", "grad norm / scale, kept / flushed")
     row(*["---"] * 6)
-    ctx = multiprocessing.get_context("spawn")
-    for name, model, tok, recs in models_for_bench(a):
-        if name.startswith("tiny"):
-            path = tempfile.mkdtemp()
-            M.save_model(model, tok, path)
-        else:
-            path = smollm2_dir(a.smollm2)
-        out = {}
-        for flush in (False, True):
-            q = ctx.Queue()
-            p = ctx.Process(target=_saturated_step, args=(q, path, recs[:1], scale, flush, a.repeat, a.threads))
-            p.start()
-            out[flush] = q.get()
-            p.join()
+    for name, path, tok, recs in model_paths_for_bench(a):
+        out = {flush: in_fresh_process(_saturated_step, path, recs[:1], scale, flush, a.repeat, a.threads)
+               for flush in (False, True)}
         (tk, gk, shape), (tf, gf, _) = out[False], out[True]
         row(name, " x ".join(map(str, shape)), f"{tk:.2f}", f"{tf:.2f}", f"{tk / tf:.1f}x", f"{gk:.4e} / {gf:.4e}")
 
