@@ -41,8 +41,9 @@ from torch.utils.checkpoint import checkpoint
 
 # Denormal floats (below 1.2e-38) cost x86 CPUs a slow path per operation. A won DPO pair (margin 70:
 # gradients scaled by sigmoid(-70) ~ 4e-31) fills the backward pass with them: household ETO's
-# updates slowed from 12 s to 116 s each as its margins grew (`python bench.py denormals`). Flush them
-# to zero, here at import because torch's CPU worker threads copy the setting only when they start.
+# updates slowed from ~12 s to over 100 s each as its margins grew (`python bench.py denormals` times
+# such a backward both ways). Flush them to zero, here at import because torch's CPU worker threads
+# copy the setting only when they start.
 torch.set_flush_denormal(True)
 
 
