@@ -285,8 +285,6 @@ def bench_pad(a) -> None:
     """The step-DPO scoring pass (forward + backward) on a batch of one long and one short packed row,
     the mix that ScienceWorld's traj_batch 2 gives (7,012 and 716 tokens in one update): one padded
     forward vs score_packed's length groups, each in its own process."""
-    import math
-
     import stepagent as S
 
     print("\n## long and short rows in one update: one padded forward vs length groups (forward + backward)\n")
