@@ -160,29 +160,32 @@ def ten_step_trajectories(n: int) -> list[dict]:
     return out
 
 
-def models_for_bench(a):
+def bench_tokenizer(recs: list[dict], vocab_size: int, repeat: int = 1):
+    """The tiny preset's tokenizer trained on the trajectories' text (its files go to a temporary
+    folder, removed once the tokenizer is in memory)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * repeat, vocab_size, d)
+
+
+def models_for_bench(a, as_paths: bool = False):
+    """(name, model, tokenizer, trajectories) for the tiny preset and SmolLM2. as_paths: a checkpoint
+    folder in place of the model, for benches that load it in a fresh process (the tiny model's
+    folder is temporary; SmolLM2 is not loaded here)."""
     import tempfile
 
     recs = ten_step_trajectories(a.n_traj)
-    d = tempfile.mkdtemp()
-    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * 3, 2048, d)
-    yield "tiny preset (random init)", tiny_model(tok), tok, recs
+    tok = bench_tokenizer(recs, 2048, repeat=3)
+    with tempfile.TemporaryDirectory() as d:
+        model = tiny_model(tok)
+        if as_paths:
+            M.save_model(model, tok, os.path.join(d, "tiny"))
+            model = os.path.join(d, "tiny")
+        yield "tiny preset (random init)", model, tok, recs
     if not a.no_smollm2:
-        m, t = M.load_model(smollm2_dir(a.smollm2))
-        yield "SmolLM2-135M", m, t, recs[:2]
-
-
-def model_paths_for_bench(a):
-    """models_for_bench's models as checkpoint folders, for benches that load them in a fresh process."""
-    import tempfile
-
-    for name, model, tok, recs in models_for_bench(a):
-        if name.startswith("tiny"):
-            path = tempfile.mkdtemp()
-            M.save_model(model, tok, path)
-        else:
-            path = smollm2_dir(a.smollm2)
-        yield name, path, tok, recs
+        path = smollm2_dir(a.smollm2)
+        yield "SmolLM2-135M", *((path, M.Tokenizer(path)) if as_paths else M.load_model(path)), recs[:2]
 
 
 def in_fresh_process(target, *args):
@@ -291,7 +294,7 @@ def bench_pad(a) -> None:
     row("model", "row tokens", "tokens forwarded, padded / grouped", "padded (s)", "grouped (s)", "speed-up",
         "peak RSS growth, padded / grouped (GiB)", "same loss")
     row(*["---"] * 8)
-    for name, path, tok, recs in model_paths_for_bench(a):
+    for name, path, tok, recs in models_for_bench(a, as_paths=True):
         ids, spans, cands = score_jobs(tok, recs[:1], a.k)[0]  # 10 states, K candidates each
         jobs = [(ids, spans, cands), (ids[:spans[0][1]], spans[:1], [c for c in cands if c[0] == 0])]
         lens = [len(S.pack_row(*j)[0]) for j in jobs]
@@ -330,7 +333,7 @@ def bench_denormals(a) -> None:
           "denormals kept vs flushed\n")
     row("model", "batch x tokens", "kept (s)", "flushed (s)", "speed-up", "grad norm / scale, kept / flushed")
     row(*["---"] * 6)
-    for name, path, tok, recs in model_paths_for_bench(a):
+    for name, path, tok, recs in models_for_bench(a, as_paths=True):
         out = {flush: in_fresh_process(_saturated_step, path, recs[:1], scale, flush, a.repeat, a.threads)
                for flush in (False, True)}
         (tk, gk, shape), (tf, gf, _) = out[False], out[True]
@@ -384,8 +387,7 @@ def bench_rollout(a) -> None:
     env = envs.load_env("webshop")
     tasks = envs.make("webshop", "test", n=n, seed=0)
     recs = [envs.run_expert(env, t) for t in envs.make("webshop", "train", n=200, seed=0)]
-    import tempfile
-    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]], 2048, tempfile.mkdtemp())
+    tok = bench_tokenizer(recs, 2048)
     model = tiny_model(tok)
     out = {}
 
@@ -439,7 +441,7 @@ def bench_rollout(a) -> None:
     row("what", "time (s)", "vs ours", "same trajectories as the row above")
     row(*["---"] * 4)
     recs = [envs.run_expert(envs.load_env("household"), t) for t in envs.make("household", "train", n=200, seed=0)]
-    tok = M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]], 1024, tempfile.mkdtemp())
+    tok = bench_tokenizer(recs, 1024)
     model = M.Transformer.from_args(S.tiny_args(S.Config(), tok.vocab_size)).eval()
     tasks = envs.make("household", "test", n=n, seed=0)
     runs = [("ours: free a quarter, prefill in length groups", 0.25, 2.0),
