@@ -20,7 +20,8 @@ Departures / choices: duplicate practices of one state count once; an optional N
 expert actions (`--sft_coef`, default 0 = pure step DPO; IPR adds such an SFT loss) keeps their
 likelihood from falling with the rejected ones. Measured on the tiny webshop novice: pure DPO at
 lr 3e-4 drove the expert actions' log-prob from -4.6 to -9.1 in 25 updates and test success from 10%
-to 0%, hence the default lr 1e-4; with --sft_coef 1 the reward rose further (see the README); beta 0.1 as in ETO;
+to 0%, hence the default lr 1e-4; with --sft_coef 1 the reward rose further, and on webshop seed 2 it
+prevented a collapse of pure step DPO (EXPERIMENTS.md); beta 0.1 as in ETO;
 a trajectory longer than the context is scored on its first max_seq_len tokens.
 
     python train_implicit.py                          # the main job: tiny preset, webshop, 2 iterations
