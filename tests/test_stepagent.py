@@ -424,3 +424,18 @@ def test_inspect_resumes_from_partial_records(tiny, tmp_path, monkeypatch):
     assert len(sampled) == 2  # records 3 and 4 only
     assert len({a["text"] for s in whole for a in s["agent"]}) > 2  # sampled practices
     assert resumed == whole
+
+
+def test_run_config_ignores_the_tiny_shape_only_with_another_preset(tmp_path):
+    """A table run records its own defaults for the tiny model's shape (dim 256 ...); the printed script
+    command for a smollm2 cell leaves them out, and must still resume that run; with the tiny preset
+    the shape is the model, and another one is refused, the option named."""
+    run = str(tmp_path)
+    S._check_run_config(run, S.Config(preset="smollm2", dim=256, n_layers=4, n_heads=4))
+    S._check_run_config(run, S.Config(preset="smollm2"))  # the script's defaults (dim 192 ...): resumes
+    with pytest.raises(SystemExit, match="--sft_lr"):  # any other option still counts
+        S._check_run_config(run, S.Config(preset="smollm2", sft_lr=1.0))
+    tiny = str(tmp_path / "tiny")
+    S._check_run_config(tiny, S.Config(preset="tiny", dim=256))
+    with pytest.raises(SystemExit, match="--dim 256"):
+        S._check_run_config(tiny, S.Config(preset="tiny"))
