@@ -79,7 +79,7 @@ class Config:
     dim: int = 192
     n_layers: int = 3
     n_heads: int = 3
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # tiny preset only: a checkpoint's context is its own
     # SFT (the novice)
     sft_epochs: int = 4
     pretrain_epochs: int = 2  # tiny preset only: next-token epochs on every token first (its "pretraining")
@@ -656,9 +656,9 @@ def train_sft(cfg: Config) -> str:
 
 
 # the options that shape the novice (its data, base model and SFT); the tiny preset's own ones only there
-NOVICE = ("env", "preset", "seed", "dtype", "n_train", "max_seq_len", "sft_epochs", "sft_lr", "batch_size",
-          "grad_accum", "warmup", "weight_decay", "grad_clip", "rename_ids", "amp")
-NOVICE_TINY = ("vocab_size", "dim", "n_layers", "n_heads", "pretrain_epochs", "whole_ids")
+NOVICE = ("env", "preset", "seed", "dtype", "n_train", "sft_epochs", "sft_lr", "batch_size", "grad_accum",
+          "warmup", "weight_decay", "grad_clip", "rename_ids", "amp")
+NOVICE_TINY = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "pretrain_epochs", "whole_ids")
 
 
 def _check_novice_options(cfg: Config, state: dict, finished: bool) -> None:

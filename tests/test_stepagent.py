@@ -439,3 +439,24 @@ def test_run_config_ignores_the_tiny_shape_only_with_another_preset(tmp_path):
     S._check_run_config(tiny, S.Config(preset="tiny", dim=256))
     with pytest.raises(SystemExit, match="--dim 256"):
         S._check_run_config(tiny, S.Config(preset="tiny"))
+
+
+def test_novice_context_counts_only_for_the_tiny_preset(tmp_path):
+    """--max_seq_len shapes only the tiny model (a checkpoint's context is its own), so a SmolLM2 novice
+    is found again under another one; a tiny novice is refused, the option named."""
+    for preset, kept in [("smollm2", True), ("tiny", False)]:
+        out = str(tmp_path / preset)
+        os.makedirs(out)
+        S._check_novice_options(S.Config(preset=preset, out=out), {"epoch": 0}, finished=False)
+        made = json.load(open(os.path.join(out, "novice.json")))
+        assert made["preset"] == preset and made.get("max_seq_len", 2048) == 2048
+        made["max_seq_len"] = 2048  # as recorded by novices made before this rule
+        S.envs.write_json(os.path.join(out, "novice.json"), made)
+        other = S.Config(preset=preset, out=out, max_seq_len=4096)
+        if kept:
+            S._check_novice_options(other, {"epoch": 1}, finished=True)
+        else:
+            with pytest.raises(SystemExit, match="made with --max_seq_len 2048, not 4096"):
+                S._check_novice_options(other, {"epoch": 1}, finished=True)
+        with pytest.raises(SystemExit, match="--sft_lr"):  # an SFT option counts with every preset
+            S._check_novice_options(S.Config(preset=preset, out=out, sft_lr=1.0), {"epoch": 1}, finished=True)
