@@ -165,8 +165,10 @@ class StepDPO(S.Method):
 
 
 def step(model, opt, loss, cfg) -> dict:
-    """backward, gradients summed over the ranks (torchrun), clip, optimiser step; returns the gradient norm."""
-    loss.backward()
+    """backward (loss None: the caller has made it), gradients summed over the ranks (torchrun), clip,
+    optimiser step; returns the gradient norm."""
+    if loss is not None:
+        loss.backward()
     P.allreduce_grads(model)
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
@@ -216,15 +218,24 @@ class TrajectoryDPO(StepDPO):
         return {"jobs": pairs, "ref": [r for chunk in P.gather(ref) for r in chunk], "pad_id": tok.pad_id}
 
     def update(self, model, opt, data, b, it) -> dict:
+        """The loss is a mean of per-pair terms, so each pair's forward and backward runs alone and the
+        gradients add up to the batch's: activations for one failed trajectory (thousands of tokens
+        on the real simulators), not traj_batch of them. Under --fsdp one forward for all, as every
+        rank must make the same forwards."""
         c = self.cfg
         idx, live = P.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
-        with S.autocast(model.device, c.amp):
-            lp = trajectory_logps(model, [m for i in idx for m in data["jobs"][i]], data["pad_id"]).float().view(-1, 2)
-        ref = torch.stack([data["ref"][i] for i in idx]).to(model.device)
+        w, = P.shares(len(idx) * live)  # of the global batch's pairs (one expert trajectory each)
+        lps = []
+        for part in [idx] if P.is_fsdp(model) else [[i] for i in idx]:
+            with S.autocast(model.device, c.amp):
+                lp = trajectory_logps(model, [m for i in part for m in data["jobs"][i]], data["pad_id"]).float().view(-1, 2)
+            ref = torch.stack([data["ref"][i] for i in part]).to(model.device)
+            losses = step_dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], c.beta)[0]
+            ((losses.sum() - c.sft_coef * lp[:, 0].sum()) * w / len(idx)).backward()
+            lps.append(lp.detach())
+        lp, ref = torch.cat(lps), torch.stack([data["ref"][i] for i in idx]).to(model.device)
         losses, r_c, r_r = step_dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], c.beta)
-        w, = P.shares(len(losses) * live)  # of the global batch's pairs (one expert trajectory each)
-        loss = losses.mean() * w - c.sft_coef * lp[:, 0].mean() * w
-        return {**dpo_metrics(losses, r_c, r_r, lp[:, 0], w, w), **step(model, opt, loss, c)}
+        return {**dpo_metrics(losses, r_c, r_r, lp[:, 0], w, w), **step(model, opt, None, c)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,6 +73,39 @@ def test_trajectory_logps_forwards_length_groups(tiny, monkeypatch):  # noqa: F8
     assert sorted(shapes) == sorted([(1, lens[1]), (2, max(lens[0], lens[2]))])  # the long row alone
 
 
+def test_eto_update_one_pair_at_a_time_takes_the_batched_step(tiny):  # noqa: F811
+    """ETO's update backpropagates each pair alone (memory for one failed trajectory); the gradients
+    add up to those of the batch's mean loss, so the step (and the logged metrics) are the batched ones."""
+    model, tok = tiny
+    convs = [CONV[:2], CONV[:4], CONV, CONV[:1] + CONV[1:] * 3, CONV[:1] + CONV[3:]]
+    enc = [TI.encode_trajectory(tok, m, 1024) for m in convs]
+    jobs = [(enc[0], enc[3]), (enc[1], enc[4]), (enc[2], enc[3]), (enc[0], enc[2])]
+    ref_model = M.Transformer.from_args(model.args, seed=7).eval()  # any other policy as the reference
+    with torch.no_grad():
+        ref = list(TI.trajectory_logps(ref_model, [m for j in jobs for m in j], tok.pad_id).view(-1, 2).unbind(0))
+    data = {"jobs": jobs, "ref": ref, "pad_id": tok.pad_id}
+    cfg = TI.ImplicitConfig(level="trajectory", traj_batch=3, grad_clip=1e9, sft_coef=0.5, beta=0.5, amp="none")
+    method = TI.TrajectoryDPO(cfg)
+    idx = method.batch(len(jobs), 0, 0)
+    assert len(idx) == 3
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    a = M.Transformer.from_args(model.args, seed=0)
+    a.load_state_dict(start)
+    got = method.update(a, torch.optim.SGD(a.parameters(), lr=1.0), data, 0, 0)
+    b = M.Transformer.from_args(model.args, seed=0)
+    b.load_state_dict(start)
+    lp = TI.trajectory_logps(b, [m for i in idx for m in jobs[i]], tok.pad_id).view(-1, 2)
+    r = torch.stack([ref[i] for i in idx])
+    losses = TI.step_dpo_loss(lp[:, 0], lp[:, 1], r[:, 0], r[:, 1], 0.5)[0]
+    (losses.mean() - 0.5 * lp[:, 0].mean()).backward()
+    grads = {n: p.grad for n, p in b.named_parameters()}
+    assert abs(got["losses/dpo"] - losses.mean().item()) < 1e-5 and got["pairs"] == 3
+    assert got["losses/dpo"] != math.log(2) and abs(got["logps/expert"] - lp[:, 0].mean().item()) < 1e-3
+    for n, p in a.named_parameters():  # SGD at lr 1: the parameter moved by exactly its gradient
+        assert torch.allclose(start[n] - p.detach(), grads[n], atol=1e-6, rtol=1e-4), n
+    assert max(g.abs().max().item() for g in grads.values()) > 1e-3
+
+
 MICRO = ["--env", "hotpotqa", "--n_train", "6", "--n_dev", "2", "--n_test", "2", "--sft_epochs", "1",
          "--pretrain_epochs", "1", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300",
          "--max_new_tokens", "8", "--batch_size", "3", "--k", "2", "--iterations", "2", "--eval_batch", "3"]
