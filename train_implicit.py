@@ -225,17 +225,18 @@ class TrajectoryDPO(StepDPO):
         c = self.cfg
         idx, live = P.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
         w, = P.shares(len(idx) * live)  # of the global batch's pairs (one expert trajectory each)
-        lps = []
-        for part in [idx] if P.is_fsdp(model) else [[i] for i in idx]:
+        ref = torch.stack([data["ref"][i] for i in idx]).to(model.device)
+        parts = [list(range(len(idx)))] if P.is_fsdp(model) else [[k] for k in range(len(idx))]
+        out = []
+        for part in parts:
             with S.autocast(model.device, c.amp):
-                lp = trajectory_logps(model, [m for i in part for m in data["jobs"][i]], data["pad_id"]).float().view(-1, 2)
-            ref = torch.stack([data["ref"][i] for i in part]).to(model.device)
-            losses = step_dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], c.beta)[0]
+                jobs = [m for k in part for m in data["jobs"][idx[k]]]
+                lp = trajectory_logps(model, jobs, data["pad_id"]).float().view(-1, 2)
+            losses, r_c, r_r = step_dpo_loss(lp[:, 0], lp[:, 1], ref[part, 0], ref[part, 1], c.beta)
             ((losses.sum() - c.sft_coef * lp[:, 0].sum()) * w / len(idx)).backward()
-            lps.append(lp.detach())
-        lp, ref = torch.cat(lps), torch.stack([data["ref"][i] for i in idx]).to(model.device)
-        losses, r_c, r_r = step_dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], c.beta)
-        return {**dpo_metrics(losses, r_c, r_r, lp[:, 0], w, w), **step(model, opt, None, c)}
+            out.append((losses.detach(), r_c, r_r, lp[:, 0].detach()))
+        losses, r_c, r_r, chosen = (torch.cat(t) for t in zip(*out))
+        return {**dpo_metrics(losses, r_c, r_r, chosen, w, w), **step(model, opt, None, c)}
 
 
 def main(argv: list[str] | None = None) -> None:

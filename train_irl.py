@@ -35,7 +35,8 @@ misses sit at the search and the product choice), a reward the group baseline ca
 Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi, per sampled token, averaged over
 tokens; `policy/entropy` is the exact entropy of the policy's next-token distribution, averaged over
 the sampled tokens; updates are passes over the iteration's data, `traj_batch` expert trajectories
-(with all their practices; outcome: rollouts) per update; log pi_old is scored per token by
+(with all their practices; outcome: rollouts) per update, each one's forward and backward alone, the
+gradients summed (the losses are means over the batch's actions and tokens); log pi_old is scored per token by
 `action_tokens` (score_packed's computation, not the sampler's log-probs). A rollout is scored as
 re-tokenised text on its first max_seq_len tokens.
 
@@ -322,21 +323,34 @@ class Inverse(S.Method):
         return [group_advantages(r.view(-1, c.k), c.adv_std).flatten() for r in rewards], rewards
 
     def pg_step(self, model, opt, data, idx: list[int], live: bool = True) -> dict:
-        """A PPO step on items idx, this rank's slice of the global batch (live False: a stand-in at weight 0)."""
+        """A PPO step on items idx, this rank's slice of the global batch (live False: a stand-in at weight 0).
+        The losses are means over the batch's actions and tokens, so each trajectory's forward and
+        backward runs alone at its share of them and the gradients add up to the batch's: activations
+        for one rollout (thousands of tokens on the real simulators), not traj_batch of them. Under
+        --fsdp one forward for all, as every rank must make the same forwards."""
         c = self.cfg
-        with S.autocast(model.device, c.amp):
-            lp, ent, act = action_tokens(model, [S.pack_row(*data["jobs"][i]) for i in idx], self.own)
-        old = torch.cat([data["old"][i] for i in idx]).to(model.device)
-        adv = torch.cat([self.adv[1][i] for i in idx]).to(model.device)
-        pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)  # a mean over actions (tokens)
-        kl = kl_k3(lp, old)  # a mean over tokens
-        reward = torch.cat([self.adv[2][i] for i in idx]).mean().item()
-        w_a, w_t = P.shares(len(adv) * live, len(lp) * live)  # of the global batch's actions, tokens
+        n_a = sum(len(self.adv[1][i]) for i in idx)  # the slice's actions and action tokens
+        n_t = sum(len(data["old"][i]) for i in idx)
+        w_a, w_t = P.shares(n_a * live, n_t * live)  # of the global batch's actions, tokens
         w_pg = w_t if c.token_level else w_a
-        m = P.all_sum({"losses/pg": pg.item() * w_pg, "losses/kl": kl.item() * w_t, "rewards/mean": reward * w_a,
-                       "policy/clip_frac": clip.item() * w_pg, "policy/entropy": ent.mean().item() * w_t,
-                       "actions": len(adv) * live})
-        return {**m, **TI.step(model, opt, pg * w_pg + c.kl_coef * kl * w_t, c)}
+        sums = dict.fromkeys(("pg", "kl", "clip", "ent"), 0.0)
+        for part in [idx] if P.is_fsdp(model) else [[i] for i in idx]:
+            with S.autocast(model.device, c.amp):
+                lp, ent, act = action_tokens(model, [S.pack_row(*data["jobs"][i]) for i in part], self.own)
+            old = torch.cat([data["old"][i] for i in part]).to(model.device)
+            adv = torch.cat([self.adv[1][i] for i in part]).to(model.device)
+            pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)  # means over the part's
+            kl = kl_k3(lp, old)  # actions (or tokens) and tokens: weighted back to the slice's below
+            f_pg = len(lp) / n_t if c.token_level else len(adv) / n_a
+            (pg * f_pg * w_pg + c.kl_coef * kl * len(lp) / n_t * w_t).backward()
+            for k, v in (("pg", pg * f_pg), ("kl", kl * len(lp) / n_t), ("clip", clip * f_pg),
+                         ("ent", ent.sum() / n_t)):
+                sums[k] += v.item()
+        reward = torch.cat([self.adv[2][i] for i in idx]).mean().item()
+        m = P.all_sum({"losses/pg": sums["pg"] * w_pg, "losses/kl": sums["kl"] * w_t, "rewards/mean": reward * w_a,
+                       "policy/clip_frac": sums["clip"] * w_pg, "policy/entropy": sums["ent"] * w_t,
+                       "actions": n_a * live})
+        return {**m, **TI.step(model, opt, None, c)}
 
 
 class Outcome(Inverse):

@@ -154,6 +154,44 @@ def test_policy_step_raises_the_better_practice(tiny):  # noqa: F811
         assert after[0] > before[0] and after[1] < before[1], token_level
 
 
+def test_pg_step_one_trajectory_at_a_time_takes_the_batched_step(tiny):  # noqa: F811
+    """pg_step backpropagates each trajectory alone at its share of the batch's actions and tokens
+    (memory for one rollout); the step and the logged metrics are those of the batch's mean losses."""
+    model, tok = tiny
+    jobs = [_job(tok, [(0, ["Action: search[blue]", "Action: click[8]"]), (2, ["Action: click[9]", "Thought: hm"])]),
+            _job(tok, [(1, ["Thought: B0A1 fits.\nAction: click[B0A1]", "Action: search[red shoes]"])]),
+            _job(tok, [(3, ["Action: buy", "Action: back"]), (0, ["Action: x", "Action: search[a b c d e f]"])])]
+    rows = [S.pack_row(*j) for j in jobs]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lp0 = TR.action_tokens(model, rows, own=False)[0]
+        per_row = [len(TR.action_tokens(model, [r], own=False)[0]) for r in rows]
+    old = list((lp0 + 0.3 * torch.randn(len(lp0), generator=g)).split(per_row))  # ratios off 1: some clipped
+    adv = [torch.randn(len(j[2]), generator=g) for j in jobs]
+    rew = [torch.rand(len(j[2]), generator=g) for j in jobs]
+    for token_level in (False, True):
+        cfg = TR.IRLConfig(amp="none", k=2, token_level=token_level, grad_clip=1e9, kl_coef=0.5, clip_eps=0.2)
+        m = TR.Inverse(cfg)
+        m.adv = (0, adv, rew)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        a = copy.deepcopy(model).train()
+        got = m.pg_step(a, torch.optim.SGD(a.parameters(), lr=1.0), {"jobs": jobs, "old": old}, [0, 1, 2])
+        b = copy.deepcopy(model).train()
+        lp, ent, act = TR.action_tokens(b, rows, own=False)
+        pg, clip = TR.ppo_loss(lp, torch.cat(old), act, torch.cat(adv), 0.2, token_level)
+        kl = TR.kl_k3(lp, torch.cat(old))
+        (pg + 0.5 * kl).backward()
+        assert 0 < clip.item() < 1 and kl.item() > 0
+        want = {"losses/pg": pg.item(), "losses/kl": kl.item(), "policy/clip_frac": clip.item(),
+                "policy/entropy": ent.mean().item(), "rewards/mean": torch.cat(rew).mean().item()}
+        for k, v in want.items():
+            assert abs(got[k] - v) < 1e-5, (token_level, k, got[k], v)
+        assert got["actions"] == sum(len(x) for x in adv)
+        for n, p in a.named_parameters():  # SGD at lr 1: the parameter moved by exactly its gradient
+            assert torch.allclose(start[n] - p.detach(), b.get_parameter(n).grad, atol=1e-6, rtol=1e-4), n
+        assert max(p.grad.abs().max().item() for p in b.parameters()) > 1e-3
+
+
 # ----------------------------------------------------------------------------- runs
 
 BASE = [*MICRO, "--n_dev", "1", "--n_test", "1", "--n_inspect", "4"]  # the novice's options (stepagent.Config)
