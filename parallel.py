@@ -163,6 +163,12 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def one_at_a_time(model: torch.nn.Module, items: list) -> list[list]:
+    """items in parts of one, for a forward and backward each (gradients accumulate); under FSDP one
+    part of all, as every rank must make the same forwards."""
+    return [list(items)] if is_fsdp(model) else [[x] for x in items]
+
+
 def replica(model: M.Transformer) -> M.Transformer:
     """The policy as a plain model on this rank: itself, or under --fsdp a copy with its full weights
     gathered (a collective: every rank calls it). Generation and no-grad scoring use it (each rank

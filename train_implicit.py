@@ -226,9 +226,8 @@ class TrajectoryDPO(StepDPO):
         idx, live = P.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
         w, = P.shares(len(idx) * live)  # of the global batch's pairs (one expert trajectory each)
         ref = torch.stack([data["ref"][i] for i in idx]).to(model.device)
-        parts = [list(range(len(idx)))] if P.is_fsdp(model) else [[k] for k in range(len(idx))]
         out = []
-        for part in parts:
+        for part in P.one_at_a_time(model, range(len(idx))):  # positions in idx
             with S.autocast(model.device, c.amp):
                 jobs = [m for k in part for m in data["jobs"][idx[k]]]
                 lp = trajectory_logps(model, jobs, data["pad_id"]).float().view(-1, 2)

@@ -334,7 +334,7 @@ class Inverse(S.Method):
         w_a, w_t = P.shares(n_a * live, n_t * live)  # of the global batch's actions, tokens
         w_pg = w_t if c.token_level else w_a
         sums = dict.fromkeys(("pg", "kl", "clip", "ent"), 0.0)
-        for part in [idx] if P.is_fsdp(model) else [[i] for i in idx]:
+        for part in P.one_at_a_time(model, idx):
             with S.autocast(model.device, c.amp):
                 lp, ent, act = action_tokens(model, [S.pack_row(*data["jobs"][i]) for i in part], self.own)
             old = torch.cat([data["old"][i] for i in part]).to(model.device)

@@ -169,11 +169,11 @@ def test_pg_step_one_trajectory_at_a_time_takes_the_batched_step(tiny):  # noqa:
     old = list((lp0 + 0.3 * torch.randn(len(lp0), generator=g)).split(per_row))  # ratios off 1: some clipped
     adv = [torch.randn(len(j[2]), generator=g) for j in jobs]
     rew = [torch.rand(len(j[2]), generator=g) for j in jobs]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     for token_level in (False, True):
         cfg = TR.IRLConfig(amp="none", k=2, token_level=token_level, grad_clip=1e9, kl_coef=0.5, clip_eps=0.2)
         m = TR.Inverse(cfg)
         m.adv = (0, adv, rew)
-        start = {k: v.clone() for k, v in model.state_dict().items()}
         a = copy.deepcopy(model).train()
         got = m.pg_step(a, torch.optim.SGD(a.parameters(), lr=1.0), {"jobs": jobs, "old": old}, [0, 1, 2])
         b = copy.deepcopy(model).train()
