@@ -41,6 +41,7 @@ bit).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -311,15 +312,37 @@ def _keep(mine: str, key: dict, done: int, results, generator, seconds: float) -
                        "generator": None if generator is None else generator.get_state()}, mine)
 
 
+def _scores_path(partial: str) -> str:  # kept_map's file beside a collect's partial file
+    return os.path.join(os.path.dirname(partial), "scores-" + os.path.basename(partial))
+
+
 def partial_seconds(partial: str) -> float:
-    """Wall seconds of the work a partial file kept from earlier runs (0 if none)."""
-    mine = _rank_path(partial)
-    return torch.load(mine, weights_only=False)["seconds"] if os.path.exists(mine) else 0.0
+    """Wall seconds of the work a partial file (and kept_map's beside it) kept from earlier runs (0 if none)."""
+    mine = [_rank_path(p) for p in (partial, _scores_path(partial))]
+    return sum(torch.load(m, weights_only=False)["seconds"] for m in mine if os.path.exists(m))
 
 
 def drop_partial(partial: str) -> None:
-    if os.path.exists(_rank_path(partial)):
-        os.remove(_rank_path(partial))
+    for mine in (_rank_path(partial), _rank_path(_scores_path(partial))):
+        if os.path.exists(mine):
+            os.remove(mine)
+
+
+def kept_map(fn, items: list, partial: str | None = None, desc: str = "scoring") -> list:
+    """[fn(x) for x in items], each rank its shard, gathered: a collect's scoring pass (the reference or
+    old log-probs of every trajectory: one forward each). partial: the collect's partial
+    file; the finished results are kept beside it (scores-<name>) about 50 times a pass, so a killed pass
+    reruns only the rest. Items are keyed by their text (token ids): other items stop the run."""
+    shard, mine = P.shard(items), partial and _rank_path(_scores_path(partial))
+    key = {"items": [hashlib.sha1(repr(x).encode()).hexdigest()[:16] for x in shard]}
+    t0, every = time.time(), max(1, len(shard) // 50)
+    start, out, earlier = _resumed(mine, key, None, desc) or (0, [], 0.0)
+    for i in tqdm(range(start, len(shard)), desc=desc, initial=start, total=len(shard), leave=False,
+                  disable=not P.is_main()):
+        out.append(fn(shard[i]))
+        if mine and ((i + 1) % every == 0 or i + 1 == len(shard)):
+            _keep(mine, key, i + 1, out, None, earlier + time.time() - t0)
+    return P.gather(out)
 
 
 def _finish(results, s, tasks, bar):

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import envs
 import model as M
@@ -143,9 +142,9 @@ class StepDPO(S.Method):
                           log=S.Log(f"{c.out}/{self.name}/metrics.jsonl"), partial=partial)
         jobs = build_jobs(tok, recs, steps)
         with torch.no_grad(), S.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
-            ref = [tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0])
-                   for j in tqdm(P.shard(jobs), desc="reference log-probs", leave=False, disable=not P.is_main())]
-        return {"jobs": jobs, "ref": P.gather(ref)}
+            ref = S.kept_map(lambda j: tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0]),
+                             jobs, partial, "reference log-probs")
+        return {"jobs": jobs, "ref": ref}
 
     def n_updates(self, data) -> int:
         return self.cfg.dpo_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
@@ -209,13 +208,11 @@ class TrajectoryDPO(StepDPO):
         S.Log(f"{c.out}/{self.name}/metrics.jsonl")(
             event="explore", iteration=it + 1, tasks=len(played), failed=len(pairs),
             success=sum(p["success"] for p in played) / max(1, len(played)))
-        ref = []  # per chunk of traj_batch pairs, each rank its share of the chunks
-        chunks = [pairs[lo:lo + c.traj_batch] for lo in range(0, len(pairs), c.traj_batch)]
+        chunks = [pairs[lo:lo + c.traj_batch] for lo in range(0, len(pairs), c.traj_batch)]  # each rank its share
         with torch.no_grad(), S.autocast(model.device, c.amp):
-            for chunk in tqdm(P.shard(chunks), desc="reference log-probs", leave=False, disable=not P.is_main()):
-                lp = trajectory_logps(model, [p for pr in chunk for p in pr], tok.pad_id)
-                ref.append(lp.float().cpu().view(-1, 2).unbind(0))
-        return {"jobs": pairs, "ref": [r for chunk in P.gather(ref) for r in chunk], "pad_id": tok.pad_id}
+            ref = S.kept_map(lambda chunk: trajectory_logps(model, [p for pr in chunk for p in pr], tok.pad_id)
+                             .float().cpu().view(-1, 2).unbind(0), chunks, partial, "reference log-probs")
+        return {"jobs": pairs, "ref": [r for chunk in ref for r in chunk], "pad_id": tok.pad_id}
 
     def update(self, model, opt, data, b, it) -> dict:
         """The loss is a mean of per-pair terms, so each pair's forward and backward runs alone and the

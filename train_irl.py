@@ -54,7 +54,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import envs
 import parallel as P
@@ -258,7 +257,7 @@ class Inverse(S.Method):
                 miss.append(torch.tensor([not a["match"] for s in rec_steps for a in s["agent"]]))
                 erred.append(torch.zeros(len(spans), dtype=torch.bool))
                 erred[-1][[s["step"] for s in rec_steps if not all(a["match"] for a in s["agent"])]] = True
-        return {"jobs": jobs, "old": self.old_logps(model, jobs), "miss": miss, "erred": erred}
+        return {"jobs": jobs, "old": self.old_logps(model, jobs, partial), "miss": miss, "erred": erred}
 
     def sides(self, data, idx, expert: torch.Tensor, agent: torch.Tensor):
         """D's examples among the logits of jobs idx, expert actions (T,) and practices (C,): all of them
@@ -270,11 +269,12 @@ class Inverse(S.Method):
         miss = torch.cat([data["miss"][i] for i in idx]).to(agent.device)
         return expert[erred], agent[miss]
 
-    def old_logps(self, model, jobs) -> list[torch.Tensor]:
-        """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts."""
+    def old_logps(self, model, jobs, partial=None) -> list[torch.Tensor]:
+        """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts (kept
+        beside the collect's partial file as it goes: S.kept_map)."""
         with torch.no_grad(), S.autocast(model.device, self.cfg.amp):
-            return P.gather([action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu()
-                             for j in tqdm(P.shard(jobs), desc="old log-probs", leave=False, disable=not P.is_main())])
+            return S.kept_map(lambda j: action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu(),
+                              jobs, partial, "old log-probs")
 
     def n_disc(self, data) -> int:
         return self.cfg.disc_epochs * math.ceil(len(data["jobs"]) / self.cfg.traj_batch)
@@ -376,7 +376,7 @@ class Outcome(Inverse):
                 rew.append(r.repeat(len(spans)))
         self.log(event="explore", iteration=it + 1, rollouts=len(played), reward=R.mean().item(),
                  success=sum(p["success"] for p in played) / max(1, len(played)))
-        return {"jobs": jobs, "old": self.old_logps(model, jobs), "adv": adv, "reward": rew}
+        return {"jobs": jobs, "old": self.old_logps(model, jobs, partial), "adv": adv, "reward": rew}
 
     def n_disc(self, data) -> int:
         return 0

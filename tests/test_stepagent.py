@@ -426,6 +426,28 @@ def test_inspect_resumes_from_partial_records(tiny, tmp_path, monkeypatch):
     assert resumed == whole
 
 
+def test_kept_map_resumes_a_killed_scoring_pass(tmp_path, monkeypatch):
+    """A scoring pass killed after its second save reruns only the items left, returns the whole pass's
+    results, and its seconds count in partial_seconds; other items are refused; drop_partial removes it."""
+    items = [[i, i + 1] for i in range(100)]  # 100 items: a save every 2
+    calls = []
+
+    def fn(x):
+        calls.append(x[0])
+        return torch.tensor(x, dtype=torch.float).sum()
+    whole = S.kept_map(fn, items)
+    partial = str(tmp_path / "collect-1-partial.pt")  # the collect's file; the scores are kept beside it
+    assert _killed_after_two_saves(lambda p: S.kept_map(fn, items, p), partial, monkeypatch) == [2, 4]
+    assert os.path.exists(tmp_path / "scores-collect-1-partial.pt") and not os.path.exists(partial)
+    assert S.partial_seconds(partial) > 0
+    with pytest.raises(SystemExit, match="keeps part of other work"):
+        S.kept_map(fn, items[::-1], partial)
+    calls.clear()
+    assert S.kept_map(fn, items, partial) == whole and calls == list(range(4, 100))
+    S.drop_partial(partial)
+    assert not os.listdir(tmp_path)
+
+
 def test_run_config_ignores_the_tiny_shape_only_with_another_preset(tmp_path):
     """A table run records its own defaults for the tiny model's shape (dim 256 ...); the printed script
     command for a smollm2 cell leaves them out, and must still resume that run; with the tiny preset
