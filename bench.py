@@ -568,11 +568,15 @@ def block_scores(bm: M.BlockMask) -> int:
 def bench_train(a) -> None:
     """Optimiser steps as the train scripts take them (fp32 weights, bf16 autocast, AdamW): an SFT
     step (stepagent.sft_loss, every token a target) and a packed step-DPO step (score_packed +
-    step_dpo_loss) on random-init shapes; tokens/s and MFU against the device's bf16 peak, and SFT
-    against transformers' LlamaForCausalLM of the same config in the same run."""
+    step_dpo_loss) on random-init shapes; tokens/s and MFU against the device's bf16 peak. Peers in the
+    same run: for SFT, transformers' LlamaForCausalLM of the same config; for step-DPO, the other way
+    model.BlockMask can attend (block by block, or one SDPA call over the whole row). MFU counts the
+    FLOPs the step needs (block_scores): the one-call way computes masked-out pairs on top."""
     import stepagent as S
     import train_implicit as TI
 
+    if a.seq < 160:
+        raise SystemExit(f"bench.py train: --seq {a.seq}: at least 160 (a step-DPO row packs 10 expert actions of 16 tokens)")
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = a.peak_tflops * 1e12 if a.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -581,7 +585,7 @@ def bench_train(a) -> None:
     args = S.tiny_args(S.Config(max_seq_len=ctx), 2048) if a.shape == "tiny" else \
         M.ModelArgs(**SHAPES[a.shape], max_seq_len=ctx, tie_embeddings=True)
     print(f"\n## training steps, {a.shape} shape (random init), {name}, bf16 autocast, fp32 weights + AdamW\n")
-    row("step", "model", "tokens/step", "tokens/s", "MFU", "vs transformers")
+    row("step", "model", "tokens/step", "tokens/s", "MFU", "vs peer, same run")
     row(*["---"] * 6)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(3, args.vocab_size, (a.batch, a.seq), generator=g).to(dev)
@@ -630,6 +634,13 @@ def bench_train(a) -> None:
     dpo_flops = train_flops(args, [len(r[0]) for r in rows], sum(int(r[3].sum()) for r in rows),
                             block_scores(S.pad_rows(rows, "cpu")[3]))
     t_dpo = timeit(dpo, a.repeat)
+    BM, saved = M.BlockMask, (M.BlockMask.dense_on, M.BlockMask.dense_max_width)
+    one_call = dev.type in BM.dense_on and args.n_heads * args.head_dim <= BM.dense_max_width
+    BM.dense_on, BM.dense_max_width = (dev.type,), 0 if one_call else 1 << 30  # the other way, as the peer
+    try:
+        t_dpo_peer = timeit(dpo, a.repeat)
+    finally:
+        BM.dense_on, BM.dense_max_width = saved
     n_params = sum(p.numel() for p in ours.parameters())
     del ours, dpo  # the peer's weights and AdamW state in their place
     t_hf = None
@@ -645,7 +656,10 @@ def bench_train(a) -> None:
            f"{t_hf / t_ours:.2f}x" if t_hf else "transformers not installed")
     if t_hf:
         report("SFT", "transformers", t_hf, x.numel(), sft_flops)
-    report(f"step-DPO ({len(pairs)} pairs/row)", ours_name, t_dpo, n_tok, dpo_flops)
+    ways = ("one SDPA call", "block by block")[::1 if one_call else -1]
+    report(f"step-DPO ({len(pairs)} pairs/row)", f"{ours_name}, {ways[0]}", t_dpo, n_tok, dpo_flops,
+           f"{t_dpo_peer / t_dpo:.2f}x {ways[1]}")
+    report(f"step-DPO ({len(pairs)} pairs/row)", f"{ours_name}, {ways[1]}", t_dpo_peer, n_tok, dpo_flops)
     print(f"\nparameters: {n_params / 1e6:.1f}M; batch {a.batch} x {a.seq} "
           f"(step-DPO: {len(rows)} packed rows of {len(rows[0][0])} tokens); MFU against "
           + (f"{peak / 1e12:.0f} TFLOP/s" if peak else f"nothing: no bf16 peak known for {name} (--peak_tflops)"))

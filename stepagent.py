@@ -892,7 +892,7 @@ def pad_rows(rows: list[tuple], device, block: int = 256):
                 blocks[-1][-1] = (lo, b, max(klim, int(p[a])))
             else:
                 blocks[-1].append((a, b, int(p[a])))
-    return (tokens.to(device), targets.to(device), pos.to(device), M.BlockMask(mask.to(device), blocks),
+    return (tokens.to(device), targets.to(device), pos.to(device), M.BlockMask(mask, blocks, device),
             src.clamp(min=0).to(device))
 
 

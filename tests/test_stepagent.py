@@ -85,10 +85,13 @@ def test_packed_scoring_equals_separate_forwards(tiny):
     model.zero_grad()
 
 
-def test_block_mask_equals_dense_mask(tiny):
-    """pad_rows' BlockMask computes, block by block, the attention of the dense packed mask: the same
-    hidden states at every real column, and the same gradients."""
+@pytest.mark.parametrize("one_call", [False, True])
+def test_block_mask_equals_dense_mask(tiny, monkeypatch, one_call):
+    """pad_rows' BlockMask computes, block by block (a CPU's way) or in one SDPA call (a GPU's), the
+    attention of the dense packed mask: the same hidden states at every real column, the same
+    gradients, and zeros at padding."""
     model, tok = tiny
+    monkeypatch.setattr(M.BlockMask, "dense_on", ("cpu",) if one_call else ())
     ids, spans = S.turn_spans(tok, CONV)
     cands = [(t, S.turn_ids(tok, a)) for t, a in [(0, "Action: search[shoes]"), (0, "Thought: x\nAction: click[B0A1]"),
                                                   (1, "Action: click[8]"), (2, "Action: click[Buy Now]"),
@@ -115,6 +118,13 @@ def test_block_mask_equals_dense_mask(tiny):
     model.zero_grad()
     assert torch.allclose(out[0], out[1], atol=1e-5)
     assert all((a - b).abs().max() <= 1e-5 * a.abs().max() for a, b in zip(*grads))  # fp32 summation order
+    assert (bm.dense is not None) == one_call
+    q = torch.randn(B, 2, N, 8, generator=torch.Generator().manual_seed(1))
+    y = bm.attend(q, q[:, :1], q[:, :1], True)
+    assert y.transpose(1, 2)[~real].eq(0).all()  # padding: 0, not NaN
+    if one_call:  # a model wider than dense_max_width attends block by block, to the same numbers
+        monkeypatch.setattr(M.BlockMask, "dense_max_width", 15)
+        assert torch.allclose(bm.attend(q, q[:, :1], q[:, :1], True), y, atol=1e-6)
     with pytest.raises(ValueError, match="attend outside"):  # a candidate block that would not see its state
         L = rows[0][6][0][0]
         M.BlockMask(dense[:1], [[(0, L, 0), (L, len(rows[0][0]), 0)]])
