@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import sys
@@ -377,7 +378,7 @@ def evaluate(model, tok, cfg: Config, split: str, n: int, out_dir: str | None = 
     summary = {"env": cfg.env, "split": split, "n": len(recs), "seed": cfg.seed,
                "avg_reward": sum(r["reward"] for r in recs) / per, "success_rate": sum(r["success"] for r in recs) / per,
                "avg_steps": steps / per, "invalid_steps": bad, "invalid_share": bad / max(1, steps),
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "machine": machine()}
     if out_dir and P.is_main():
         envs.save_trajectories(os.path.join(out_dir, "trajectories.json"), recs)
         envs.write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -556,6 +557,29 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "none"
 
 
+def machine() -> dict:
+    """What this process computes on, kept beside what it makes (a novice's trainer_state.json, an
+    evaluation's summary.json, a run's last/): the CPU (name, family and model), the kernels torch
+    picked for it (fp32 sums differ between AVX2 and AVX512 kernels, so the same command's weights do
+    too), threads, torch, and the GPU if any."""
+    info = {}
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            k, _, v = line.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def machines(seen: list | None) -> list[dict]:
+    """seen (the machines a resumed run computed on so far), this one added if it differs from the last."""
+    seen, here = list(seen or []), machine()
+    return seen if seen and seen[-1] == here else seen + [here]
+
+
 def cpu_native_bf16() -> list[str]:
     """The features of this CPU that compute bf16 natively (AVX512-BF16, AMX tiles), as torch reports them."""
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
@@ -663,8 +687,10 @@ def train_sft(cfg: Config) -> str:
                 if step % cfg.log_every == 0:
                     log.write(step=step, loss=loss_all, lr=lr, grad_norm=gn.item())
         speed = P.all_sum({"tokens": tokens})["tokens"] / (time.time() - t0)
+        state["machines"] = machines(state.get("machines"))  # every machine an epoch of it trained on
         st = {"epoch": epoch + 1, "step": step, "loss": loss_all, "tokens_per_s": speed, "dev": {} if pre else None,
-              "amp": cfg.amp}  # the precision it trained in (resolve_amp; novice.json has every option)
+              "amp": cfg.amp,  # the precision it trained in (resolve_amp; novice.json has every option)
+              "machines": state["machines"]}
         full, opt_state = P.replica(model), P.optim_state(model, opt)
         if P.is_main():
             M.save_model(full, tok, ckpt, extra={"trainer_state.json": st, "optimizer.pt": opt_state})
@@ -1096,6 +1122,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     log = Log(metrics)
 
     def save():
+        state["machines"] = machines(state.get("machines"))  # every machine the run computed on
         full, opt_state = P.replica(model), P.optim_state(model, opt)
         if P.is_main():
             M.save_model(full, tok, last, extra={"trainer_state.json": state, "optimizer.pt": opt_state,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 MICRO = ["--env", "hotpotqa", "--n_train", "8", "--n_dev", "2", "--n_test", "3", "--sft_epochs", "1", "--pretrain_epochs", "1",
          "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300", "--max_new_tokens", "8",
@@ -32,6 +33,9 @@ def test_sft_writes_checkpoint_metrics_and_eval(run_dir):
     assert os.path.exists(os.path.join(run_dir, "sft", "optimizer.pt"))
     summary = json.load(open(os.path.join(run_dir, "eval", "sft-test", "summary.json")))
     assert summary["n"] == 3 and 0.0 <= summary["avg_reward"] <= 1.0
+    # where it computed: one machine for both pretrain and SFT epochs, named with torch's CPU kernels
+    assert state["machines"] == [summary["machine"]]
+    assert summary["machine"]["kernels"] == torch.backends.cpu.get_cpu_capability()
     trajs = json.load(open(os.path.join(run_dir, "eval", "sft-test", "trajectories.json")))
     assert len(trajs) == 3 and all(t["conversations"][0]["from"] == "human" for t in trajs)
     epochs = [json.loads(x) for x in open(os.path.join(run_dir, "sft_metrics.jsonl")) if "sft_epoch" in x]

@@ -130,6 +130,14 @@ def test_block_mask_equals_dense_mask(tiny, monkeypatch, one_call):
         M.BlockMask(dense[:1], [[(0, L, 0), (L, len(rows[0][0]), 0)]])
 
 
+def test_machines_adds_a_machine_only_when_it_changes(monkeypatch):
+    here = S.machine()
+    assert here["kernels"] == torch.backends.cpu.get_cpu_capability() and here["threads"] == torch.get_num_threads()
+    assert S.machines(None) == [here] and S.machines([here]) == [here]  # a resume on the same machine
+    other = {**here, "kernels": "AVX2" if here["kernels"] != "AVX2" else "AVX512"}
+    assert S.machines([other]) == [other, here] and S.machines([here, other]) == [here, other, here]
+
+
 def test_length_groups_pad_within_slack():
     assert S.length_groups([100, 90, 120]) == [[0, 1, 2]]  # 360 padded <= 1.5 x 310: one forward, in order
     assert S.length_groups([716, 7012]) == [[1], [0]]  # a ScienceWorld batch: 14,024 padded > 1.5 x 7,728
