@@ -354,7 +354,7 @@ def bench_blocks(a) -> None:
     for name, model, tok, _ in models_for_bench(a):
         ids, spans, cands = score_jobs(tok, [long], a.k)[0]
         r = S.pack_row(ids, spans, cands)
-        tokens, targets, pos, bm, src = S.pad_rows([r], model.device)
+        tokens, targets, pos, bm, src = S.pad_rows([r], model.device, width=M.attn_width(model))
         model.train()
         model.grad_ckpt = not name.startswith("tiny")  # as the SmolLM2 ScienceWorld runs train
         out = {}

@@ -330,15 +330,16 @@ class BlockMask:
     goes to one SDPA call over the whole row, computing masked-out pairs too. On one H200
     (`bench.py train`, step-DPO) that was 2.7x faster for SmolLM2's width 576 (1.8x compiled) and
     0.84x for the 1B shape's 2048 (compiled), where the per-block flash kernels win; widths between
-    are untested. Checked on `device` (where the model runs) from `mask`, which may stay on the
-    CPU: no device sync per block."""
+    are untested. width: the model's heads x head_dim (None: narrow). Checked on `device` (where the
+    model runs) from `mask`, which may stay on the CPU: no device sync per block."""
 
     dense_on = ("cuda",)  # device types that may take one dense SDPA; bench.py and a test change these
     dense_max_width = 1024
 
-    def __init__(self, mask: torch.Tensor, blocks: list[list[tuple[int, int, int]]], device=None):
+    def __init__(self, mask: torch.Tensor, blocks: list[list[tuple[int, int, int]]], device=None,
+                 width: int | None = None):
         device = torch.device(device or mask.device)
-        dense = device.type in self.dense_on
+        dense = device.type in self.dense_on and (width or 0) <= self.dense_max_width
         self.blocks, self.dense, self.pad = [], None, None
         for b, row in enumerate(blocks):
             out = []
@@ -349,7 +350,7 @@ class BlockMask:
                                      f"[{lo}, {hi})")
                 own = m[:, lo:hi]
                 causal = not klim and torch.equal(own, torch.ones_like(own).tril())
-                out.append((lo, hi, klim, None if causal else torch.cat([m[:, :klim], own], 1).to(device if not dense else "cpu")))
+                out.append((lo, hi, klim, None if causal else torch.cat([m[:, :klim], own], 1).to(device)))
             self.blocks.append(out)
         if dense:
             B, N = mask.shape[:2]
@@ -363,8 +364,8 @@ class BlockMask:
 
     def attend(self, q, k, v, gqa: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(D), masked) v for q (B, H, N, D), k and v (B, Hkv, N, D): in one call
-        (dense_on, dense_max_width), else block by block."""
-        if self.dense is not None and q.shape[1] * q.shape[3] <= self.dense_max_width:
+        where __init__ chose it, else block by block."""
+        if self.dense is not None:
             if gqa:  # expanded here: SDPA's memory-efficient kernel takes an arbitrary mask, not enable_gqa
                 k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
@@ -382,6 +383,11 @@ class BlockMask:
             parts.append(q.new_zeros(1, q.shape[1], q.shape[2] - end, q.shape[3]))
             rows.append(torch.cat(parts, 2))
         return torch.cat(rows)
+
+
+def attn_width(model) -> int:
+    """heads x head_dim of a Transformer (BlockMask's width)."""
+    return model.args.n_heads * model.args.head_dim
 
 
 class Attention(nn.Module):

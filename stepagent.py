@@ -897,12 +897,13 @@ def pack_row(traj: list[int], spans: list[tuple[int, int]], cands: list[tuple[in
             expert_cols, cand_cols)
 
 
-def pad_rows(rows: list[tuple], device, block: int = 256):
+def pad_rows(rows: list[tuple], device, block: int = 256, width: int | None = None):
     """pack_row rows as one batch, right-padded to (B, N), in token_logprobs' argument order: tokens,
     targets, positions, mask, predicting columns. score_packed and train_irl's discriminator and
     per-token policy scoring share it. The mask is an M.BlockMask: the trajectory one causal block,
     its candidates in blocks of about `block` tokens (whole candidates, in order), each seeing the
-    trajectory up to its last candidate's state and itself; padding is in no block."""
+    trajectory up to its last candidate's state and itself; padding is in no block. width: the
+    model's attention width, which picks how a GPU attends (M.BlockMask)."""
     B, N = len(rows), max(len(r[0]) for r in rows)
     tokens, pos, src = (torch.zeros(B, N, dtype=torch.long) for _ in range(3))
     mask = torch.zeros(B, N, N, dtype=torch.bool)
@@ -918,7 +919,7 @@ def pad_rows(rows: list[tuple], device, block: int = 256):
                 blocks[-1][-1] = (lo, b, max(klim, int(p[a])))
             else:
                 blocks[-1].append((a, b, int(p[a])))
-    return (tokens.to(device), targets.to(device), pos.to(device), M.BlockMask(mask, blocks, device),
+    return (tokens.to(device), targets.to(device), pos.to(device), M.BlockMask(mask, blocks, device, width),
             src.clamp(min=0).to(device))
 
 
@@ -958,7 +959,7 @@ def score_packed(model, rows: list[tuple], slack: float = 0.5) -> list[tuple[tor
     (right-padded to a common length; rows of very different lengths in separate forwards,
     `length_groups`; slack=math.inf: always one). Returns per row (expert (T,), candidates (C,)), with grad."""
     def forward(rows):
-        lp = M.token_logprobs(model, *pad_rows(rows, model.device))
+        lp = M.token_logprobs(model, *pad_rows(rows, model.device, width=M.attn_width(model)))
         out = []
         for i, (_, _, _, _, _, ecols, ccols) in enumerate(rows):
             e = torch.stack([lp[i, a:b].sum() for a, b in ecols]) if ecols else lp.new_zeros(0)

@@ -56,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import envs
+import model as M
 import parallel as P
 import stepagent as S
 import train_implicit as TI
@@ -153,7 +154,7 @@ def disc_logits(body, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Te
     the backbone's hidden state at each action's last column (its end-of-turn token). Returns per row
     (expert (T,), candidates (C,)) in fp32, as score_packed does for log-probs."""
     def forward(rows):
-        tokens, _, pos, mask, _ = S.pad_rows(rows, body.device)
+        tokens, _, pos, mask, _ = S.pad_rows(rows, body.device, width=M.attn_width(body))
         h = body.hidden(tokens, pos, mask)  # (B, N, dim)
         out = []
         for i, (*_, ecols, ccols) in enumerate(rows):
@@ -169,7 +170,7 @@ def action_tokens(model, rows: list[tuple], own: bool):
     entropy (N,) without, and each token's action index (N,), actions numbered across rows in order.
     score_packed's computation, kept per token."""
     def forward(rows):  # per row: (log-probs, entropies, action index within the row)
-        tokens, _, pos, mask, src = S.pad_rows(rows, model.device)
+        tokens, _, pos, mask, src = S.pad_rows(rows, model.device, width=M.attn_width(model))
         act = torch.full(tokens.shape, -1, dtype=torch.long)
         for i, (*_, ecols, ccols) in enumerate(rows):
             for n, (a, b) in enumerate(ecols if own else ccols):

@@ -123,8 +123,8 @@ def test_block_mask_equals_dense_mask(tiny, monkeypatch, one_call):
     y = bm.attend(q, q[:, :1], q[:, :1], True)
     assert y.transpose(1, 2)[~real].eq(0).all()  # padding: 0, not NaN
     if one_call:  # a model wider than dense_max_width attends block by block, to the same numbers
-        monkeypatch.setattr(M.BlockMask, "dense_max_width", 15)
-        assert torch.allclose(bm.attend(q, q[:, :1], q[:, :1], True), y, atol=1e-6)
+        wide = S.pad_rows(rows, "cpu", block=20, width=M.BlockMask.dense_max_width + 1)[3]
+        assert wide.dense is None and torch.allclose(wide.attend(q, q[:, :1], q[:, :1], True), y, atol=1e-6)
     with pytest.raises(ValueError, match="attend outside"):  # a candidate block that would not see its state
         L = rows[0][6][0][0]
         M.BlockMask(dense[:1], [[(0, L, 0), (L, len(rows[0][0]), 0)]])
