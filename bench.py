@@ -635,7 +635,7 @@ def bench_train(a) -> None:
                             block_scores(S.pad_rows(rows, "cpu")[3]))
     t_dpo = timeit(dpo, a.repeat)
     BM, saved = M.BlockMask, (M.BlockMask.dense_on, M.BlockMask.dense_max_width)
-    one_call = dev.type in BM.dense_on and args.n_heads * args.head_dim <= BM.dense_max_width
+    one_call = BM.one_call(dev, args.n_heads * args.head_dim)
     BM.dense_on, BM.dense_max_width = (dev.type,), 0 if one_call else 1 << 30  # the other way, as the peer
     try:
         t_dpo_peer = timeit(dpo, a.repeat)

@@ -336,10 +336,14 @@ class BlockMask:
     dense_on = ("cuda",)  # device types that may take one dense SDPA; bench.py and a test change these
     dense_max_width = 1024
 
+    @classmethod
+    def one_call(cls, device: torch.device, width: int | None) -> bool:
+        return device.type in cls.dense_on and (width or 0) <= cls.dense_max_width
+
     def __init__(self, mask: torch.Tensor, blocks: list[list[tuple[int, int, int]]], device=None,
                  width: int | None = None):
         device = torch.device(device or mask.device)
-        dense = device.type in self.dense_on and (width or 0) <= self.dense_max_width
+        dense = self.one_call(device, width)
         self.blocks, self.dense, self.pad = [], None, None
         for b, row in enumerate(blocks):
             out = []
@@ -350,7 +354,8 @@ class BlockMask:
                                      f"[{lo}, {hi})")
                 own = m[:, lo:hi]
                 causal = not klim and torch.equal(own, torch.ones_like(own).tril())
-                out.append((lo, hi, klim, None if causal else torch.cat([m[:, :klim], own], 1).to(device)))
+                m = None if causal else torch.cat([m[:, :klim], own], 1)
+                out.append((lo, hi, klim, m if dense or m is None else m.to(device)))  # one call: unused there
             self.blocks.append(out)
         if dense:
             B, N = mask.shape[:2]
