@@ -354,8 +354,8 @@ class BlockMask:
                                      f"[{lo}, {hi})")
                 own = m[:, lo:hi]
                 causal = not klim and torch.equal(own, torch.ones_like(own).tril())
-                m = None if causal else torch.cat([m[:, :klim], own], 1)
-                out.append((lo, hi, klim, m if dense or m is None else m.to(device)))  # one call: unused there
+                keys = None if causal else torch.cat([m[:, :klim], own], 1)  # (hi - lo, klim + hi - lo)
+                out.append((lo, hi, klim, keys if dense or keys is None else keys.to(device)))  # one call: unused there
             self.blocks.append(out)
         if dense:
             B, N = mask.shape[:2]
