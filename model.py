@@ -352,10 +352,12 @@ class BlockMask:
                 if klim > lo or m[:, klim:lo].any() or m[:, hi:].any():
                     raise ValueError(f"BlockMask: rows {lo}:{hi} of batch row {b} attend outside [0, {klim}) and "
                                      f"[{lo}, {hi})")
-                own = m[:, lo:hi]
-                causal = not klim and torch.equal(own, torch.ones_like(own).tril())
-                keys = None if causal else torch.cat([m[:, :klim], own], 1)  # (hi - lo, klim + hi - lo)
-                out.append((lo, hi, klim, keys if dense or keys is None else keys.to(device)))  # one call: unused there
+                keys = None  # one call never reads them; block by block, None means plain causal
+                if not dense:
+                    own = m[:, lo:hi]
+                    if klim or not torch.equal(own, torch.ones_like(own).tril()):
+                        keys = torch.cat([m[:, :klim], own], 1).to(device)  # (hi - lo, klim + hi - lo)
+                out.append((lo, hi, klim, keys))
             self.blocks.append(out)
         if dense:
             B, N = mask.shape[:2]
