@@ -346,7 +346,9 @@ def test_table_methods_runs_a_subset_and_reports_the_rest_missing(tmp_path):
 def test_a_cell_made_in_parts_on_machines_without_runs(tmp_path):
     """runs/ lost between two pieces of a table: the second trains the novice again; the first piece's
     records stand in for its runs where the retrained novice has the same weights, are dropped where it
-    has other weights, and are kept but not shown where nothing tells (a record from before digests)."""
+    has other weights, and are kept but not shown where nothing tells (a record from before digests, its
+    novice's recorded test evaluation played otherwise here); shown, with the digest from then on, where the
+    novice here plays the novice test evaluation recorded with them."""
     out, res, records = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md"), tmp_path / "results" / "records.json"
     _run(["table", *TABLE, "--methods", "sft-continued", "--out", out, "--results", res], script="results.py")
     first = _rows(open(res).read())
@@ -358,8 +360,11 @@ def test_a_cell_made_in_parts_on_machines_without_runs(tmp_path):
     assert kept[0] and kept[1]
     shutil.move(out, out + "-lost")  # the next machine has the records, not the folders
     cells = json.loads(records.read_text())
-    for sec in cells["cells"].values():  # seed 1's SFT-continued as recorded before novice digests were
+    novice_test = "hotpotqa-seed1/eval/sft-test"
+    for sec in cells["cells"].values():  # seed 1's SFT-continued and novice as recorded before digests were,
         sec.pop("hotpotqa-seed1/sft-continued#novice")
+        sec.pop(novice_test + "#novice")
+        sec[novice_test + "/summary.json"]["avg_steps"] += 1  # by a novice that played otherwise
     records.write_text(json.dumps(cells))
     _run(["table", *TABLE, "--methods", "eto", "--out", out, "--results", res], script="results.py")
     assert not os.path.exists(os.path.join(out, "hotpotqa-seed0", "sft-continued"))
@@ -391,6 +396,19 @@ def test_a_cell_made_in_parts_on_machines_without_runs(tmp_path):
     _run(["report", "--out", out, "--results", res], script="results.py")
     assert set(_rows(open(res).read())["SFT-continued"][:4]) == {"—"}
     assert runs_kept(0) == [] and runs_kept(1) == kept[1]
+    # seed 1's novice test evaluation as recorded before digests by a novice that played as this one
+    # (its time aside): the run recorded beside it is taken to have started from the novice here
+    cells = json.loads(records.read_text())
+    for sec in cells["cells"].values():
+        sec.pop(novice_test + "#novice")
+        sec[novice_test + "/summary.json"]["seconds"] += 5
+    records.write_text(json.dumps(cells))
+    _run(["report", "--out", out, "--results", res], script="results.py")
+    one = _expected(out + "-lost", "sft-continued", "test", "success_rate", seeds=(1,))
+    assert _rows(open(res).read())["SFT-continued"][0] == f"{one} (1/2 seeds)" and runs_kept(1) == kept[1]
+    sec, = json.load(open(records))["cells"].values()
+    assert sec["hotpotqa-seed1/sft-continued#novice"] == sec[novice_test + "#novice"] == R.novice_digest(
+        os.path.join(out, "hotpotqa-seed1"))
 
 
 def test_table_with_a_model_folder_preset_on_an_env_without_test_unseen(tmp_path):
