@@ -276,7 +276,7 @@ def replayed(cell: str, old: dict) -> bool:
     (Once a report has read this novice's evaluation, its record carries a digest: the test is made once.)"""
     mark = (_REC["section"], cell)  # (sections read the same folders with records of their own)
     if mark not in _REC["replayed"]:
-        folder = os.path.join(cell, "eval", "sft-test")
+        folder = eval_folder(cell, "novice", "test", 0)
         rel = os.path.relpath(folder, _REC["out"])
         then, ids = old.get(os.path.join(rel, "summary.json")), old.get(os.path.join(rel, "trajectories.json#solved"))
         files = [os.path.join(folder, f) for f in ("summary.json", "trajectories.json")]
@@ -285,7 +285,7 @@ def replayed(cell: str, old: dict) -> bool:
                 and all(map(os.path.exists, files)):
             now = json.load(open(files[0]))
             same = all(now.get(k) == then.get(k) for k in {*now, *then} - {"seconds", "machine"}) and \
-                sorted(r["id"] for r in json.load(open(files[1])) if r["success"]) == ids
+                solved_ids(files[1]) == ids
         _REC["replayed"][mark] = same
     return _REC["replayed"][mark]
 
@@ -347,7 +347,12 @@ def invalid_share(cell: str, env: str, name: str, split: str, it: int) -> float 
 def solved(cell: str, name: str, split: str, it: int) -> list[str] | None:
     """The ids of the tasks an evaluation solved, from its trajectories.json (for the per-task verdicts)."""
     path = os.path.join(eval_folder(cell, name, split, it), "trajectories.json")
-    return kept(cell, path, lambda: sorted(r["id"] for r in json.load(open(path)) if r["success"]), "#solved")
+    return kept(cell, path, lambda: solved_ids(path), "#solved")
+
+
+def solved_ids(path: str) -> list[str]:
+    """The sorted ids of the tasks a trajectories.json solved."""
+    return sorted(r["id"] for r in json.load(open(path)) if r["success"])
 
 
 def values(cfg: TableConfig, env: str, name: str, split: str, metric: str, it: int | None = None,
