@@ -40,6 +40,7 @@ bit).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -557,11 +558,23 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "none"
 
 
+def mkl_code() -> int | None:
+    """The code path MKL picked for this CPU (`mkl_serv_cpu_detect` in torch's libtorch_cpu, which links
+    MKL in); None where torch has no MKL. MKL picks it by CPU vendor, not by torch's kernel level: 0 is
+    its generic path (the AMD CPUs we ran on, AVX512 or not), 7 the highest it accepts (AVX-512), so two
+    CPUs with the same `kernels` can still sum fp32 matmuls differently (EXPERIMENTS, household seed 2)."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return int(lib.mkl_serv_cpu_detect()) if torch.backends.mkl.is_available() else None
+    except (OSError, AttributeError):  # another platform's library name, or no MKL symbol in it
+        return None
+
+
 def machine() -> dict:
     """What this process computes on, kept beside what it makes (a novice's trainer_state.json, an
     evaluation's summary.json, a run's last/): the CPU (name, family and model), the kernels torch
     picked for it (fp32 sums differ between AVX2 and AVX512 kernels, so the same command's weights do
-    too), threads, torch, and the GPU if any."""
+    too), MKL's code path (mkl_code), threads, torch, and the GPU if any."""
     info = {}
     if os.path.exists("/proc/cpuinfo"):
         for line in open("/proc/cpuinfo"):
@@ -570,8 +583,8 @@ def machine() -> dict:
     cpu = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info:
         cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "mkl": mkl_code(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def machines(seen: list | None) -> list[dict]:

@@ -1,6 +1,7 @@
 """stepagent.py: prefix-shared sampling and packed scoring equal their naive references."""
 import json
 import os
+import platform
 import re
 
 import pytest
@@ -140,6 +141,19 @@ def test_machines_adds_a_machine_only_when_it_changes(monkeypatch):
     assert S.machines(None) == [here] and S.machines([here]) == [here]  # a resume on the same machine
     other = {**here, "kernels": "AVX2" if here["kernels"] != "AVX2" else "AVX512"}
     assert S.machines([other]) == [other, here] and S.machines([here, other]) == [here, other, here]
+    vendor = {**here, "mkl": 7 if here["mkl"] != 7 else 0}  # same kernels, another MKL path: another machine
+    assert S.machines([vendor]) == [vendor, here]
+
+
+def test_mkl_code_names_mkls_path_or_none(monkeypatch):
+    code = S.mkl_code()
+    if torch.backends.mkl.is_available() and platform.system() == "Linux":  # torch's Linux x86 wheels link MKL in
+        assert isinstance(code, int) and 0 <= code <= 16  # MKL's codes; it refuses others ("CPU n is not supported")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    assert S.mkl_code() is None and S.machine()["mkl"] is None
+    monkeypatch.undo()
+    monkeypatch.setattr(S.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError(f"{path}: cannot open")))
+    assert S.mkl_code() is None  # no libtorch_cpu.so by that name (another platform): None, not a crash
 
 
 def test_length_groups_pad_within_slack():
