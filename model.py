@@ -797,14 +797,17 @@ def load_model(path: str, device=None, dtype=None, max_seq_len: int | None = Non
 
 def save_model(model: Transformer, tokenizer: Tokenizer, path: str, max_shard_bytes: int = 2 * 1024**3,
                extra: dict | None = None) -> None:
-    """Write the Hugging Face layout atomically: the folder is built beside `path` and swapped in,
-    so `path` always holds a complete checkpoint (the old or the new). `extra`: more files to put in
-    it, name -> object (JSON for *.json names, torch.save otherwise), e.g. trainer and optimizer state."""
+    """Write the Hugging Face layout atomically: the folder is built beside `path` and swapped in by
+    two renames, so a complete checkpoint (the old or the new) is always on disk: in `path`, or, if
+    killed between the renames, in .<name>.old-*, where restore_checkpoint (called here and before
+    every resume) finds it. `extra`: more files to put in it, name -> object (JSON for *.json names,
+    torch.save otherwise), e.g. trainer and optimizer state."""
     from safetensors.torch import save_file
 
     path = os.path.abspath(path.rstrip("/"))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    restore_checkpoint(path)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
     try:
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -859,6 +862,29 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path: str, max_shard_by
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def restore_checkpoint(path: str) -> None:
+    """Undo what a save_model killed mid-way left beside `path`: with `path` gone and the checkpoint it
+    replaced in .<name>.old-* (killed between the two renames), move that back; with `path` there,
+    delete the leftovers (a half-written .<name>.tmp-*, a half-deleted .<name>.old-*). Safe to call
+    from every rank at once."""
+    path = os.path.abspath(path.rstrip("/"))
+    parent, base = os.path.split(path)
+    if not os.path.isdir(parent):
+        return
+    names = os.listdir(parent)
+    old = [n for n in names if n.startswith(f".{base}.old-")]
+    if not os.path.exists(path) and len(old) == 1:
+        try:
+            os.rename(os.path.join(parent, old[0]), path)
+            print(f"{path}: restored the checkpoint an interrupted save had moved aside", file=sys.stderr)
+        except FileNotFoundError:  # another rank moved it first
+            pass
+    if os.path.exists(path):
+        for n in names:
+            if n.startswith((f".{base}.old-", f".{base}.tmp-")):
+                shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -625,6 +625,7 @@ def train_sft(cfg: Config) -> str:
     seed_all(cfg.seed)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, P.get_device(cfg.device)))  # recorded as trained
     ckpt = os.path.join(cfg.out, "sft")
+    M.restore_checkpoint(ckpt)  # a save killed between its renames
     state_path = os.path.join(ckpt, "trainer_state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
     n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
@@ -1118,6 +1119,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     table = [("novice (SFT)", cached_evaluate(lambda: load(novice, cfg), cfg, "test", cfg.n_test,
                                               os.path.join(cfg.out, "eval", "sft-test"), "novice"))]
     last, metrics = os.path.join(run, "last"), os.path.join(run, "metrics.jsonl")
+    M.restore_checkpoint(last)
     resumed = os.path.exists(os.path.join(last, "trainer_state.json"))
     model, tok = load(last if resumed else novice, cfg)
     if cfg.fsdp:

@@ -410,6 +410,38 @@ def test_save_is_atomic_over_an_existing_checkpoint(tiny, tmp_path, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temp folder left behind
 
 
+def test_a_save_killed_between_its_renames_is_restored(tiny, tmp_path, monkeypatch):
+    """save_model swaps the new folder in by two renames; killed between them, the old checkpoint sits
+    in .ck.old-*: restore_checkpoint (called before every resume and by the next save) moves it back,
+    and a later save leaves no leftovers."""
+    model, tok = tiny
+    ck = str(tmp_path / "ck")
+    M.save_model(model, tok, ck, extra={"trainer_state.json": {"step": 1}})
+    before = open(os.path.join(ck, "model.safetensors"), "rb").read()
+    rename, calls = os.rename, []
+
+    def second_fails(a, b):
+        calls.append(a)
+        if len(calls) == 2:  # path -> .old-* went through; .tmp-* -> path is where the kill lands
+            raise KeyboardInterrupt
+        rename(a, b)
+
+    monkeypatch.setattr(M.os, "rename", second_fails)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # other weights, so the restored file is seen to be the old one
+    with pytest.raises(KeyboardInterrupt):
+        M.save_model(model, tok, ck, extra={"trainer_state.json": {"step": 2}})
+    monkeypatch.undo()
+    assert not os.path.exists(ck) and [n[:8] for n in os.listdir(tmp_path)] == [".ck.old-"]
+    M.restore_checkpoint(ck)
+    assert open(os.path.join(ck, "model.safetensors"), "rb").read() == before
+    assert json.load(open(os.path.join(ck, "trainer_state.json"))) == {"step": 1} and os.listdir(tmp_path) == ["ck"]
+    os.makedirs(tmp_path / ".ck.tmp-left")  # a save killed while writing, before its renames
+    M.save_model(model, tok, ck, extra={"trainer_state.json": {"step": 2}})
+    assert os.listdir(tmp_path) == ["ck"] and json.load(open(os.path.join(ck, "trainer_state.json"))) == {"step": 2}
+    M.restore_checkpoint(str(tmp_path / "absent" / "ck"))  # nothing there: nothing to do
+
+
 def test_bench_train_flops_equal_torchs_count():
     """bench.py train's MFU numerator: the formula equals torch's own count of the matrix products
     of a forward+backward (math attention, so the attention products are counted too), for an SFT
