@@ -747,11 +747,17 @@ def _check_novice_options(cfg: Config, state: dict, finished: bool) -> None:
 # ----------------------------------------------------------------------------- inspection
 
 
-def turn_spans(tok: M.Tokenizer, messages: list[dict]):
+def turn_spans(tok: M.Tokenizer, messages: list[dict], max_len: int | None = None):
     """(ids, spans): the chat's token ids and, per assistant turn, (start, end) token columns of
     its action (content and end-of-turn token). ids[:start] is the state s_t, ending in the
-    generation prompt, so the agent continues from exactly where the expert acted."""
+    generation prompt, so the agent continues from exactly where the expert acted. max_len: cut to
+    the first max_len tokens and the turns that end within them (the context: a rollout never puts a
+    turn past it, fit_context), so no action is scored at positions the model never acts at."""
     ids, mask = tok.encode_chat(messages)
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+        while mask and mask[-1]:  # a turn cut part-way is left out whole
+            ids, mask = ids[:-1], mask[:-1]
     spans, t = [], 0
     while t < len(mask):
         if mask[t]:

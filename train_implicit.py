@@ -66,9 +66,10 @@ def step_dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def build_jobs(tok: M.Tokenizer, records: list[dict], steps: list[dict]):
+def build_jobs(tok: M.Tokenizer, records: list[dict], steps: list[dict], max_len: int):
     """Per expert trajectory with at least one unmatched practice: (ids, spans, candidates, pairs),
-    candidates = (step, token ids) of the unique unmatched practices, pairs = (step, candidate index)."""
+    candidates = (step, token ids) of the unique unmatched practices, pairs = (step, candidate index);
+    a trajectory longer than the context max_len is cut to it (turn_spans), with its steps past the cut."""
     by_traj: dict[str, dict[int, set[str]]] = {}
     for s in steps:
         bad = {a["text"] for a in s["agent"] if not a["match"] and a["text"]}
@@ -79,13 +80,14 @@ def build_jobs(tok: M.Tokenizer, records: list[dict], steps: list[dict]):
         per_step = by_traj.get(rec["id"])
         if not per_step:
             continue
-        ids, spans = S.turn_spans(tok, S.to_messages(rec))
+        ids, spans = S.turn_spans(tok, S.to_messages(rec), max_len)
         cands, pairs = [], []
-        for t in sorted(per_step):
+        for t in sorted(t for t in per_step if t < len(spans)):
             for text in sorted(per_step[t]):
                 pairs.append((t, len(cands)))
                 cands.append((t, S.turn_ids(tok, text)))
-        jobs.append((ids, spans, cands, pairs))
+        if pairs:
+            jobs.append((ids, spans, cands, pairs))
     return jobs
 
 
@@ -140,7 +142,7 @@ class StepDPO(S.Method):
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
                           f"{c.out}/{self.name}/inspect-{it + 1}.jsonl",
                           log=S.Log(f"{c.out}/{self.name}/metrics.jsonl"), partial=partial)
-        jobs = build_jobs(tok, recs, steps)
+        jobs = build_jobs(tok, recs, steps, model.args.max_seq_len)
         with torch.no_grad(), S.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
             ref = S.kept_map(lambda j: tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0]),
                              jobs, partial, "reference log-probs")

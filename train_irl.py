@@ -38,7 +38,8 @@ the sampled tokens; updates are passes over the iteration's data, `traj_batch` e
 (with all their practices; outcome: rollouts) per update, each one's forward and backward alone, the
 gradients summed (the losses are means over the batch's actions and tokens); log pi_old is scored per token by
 `action_tokens` (score_packed's computation, not the sampler's log-probs). A rollout is scored as
-re-tokenised text on its first max_seq_len tokens.
+re-tokenised text, it and an expert trajectory on their first max_seq_len tokens (the turns that end
+within them: what the policy can have seen).
 
     python train_irl.py                             # StepAgent-Inverse: tiny preset, webshop, 2 iterations
     python train_irl.py --reward outcome            # the PPO baseline, same budget
@@ -250,9 +251,11 @@ class Inverse(S.Method):
         jobs = []  # (ids, spans, candidates): every practice of every inspected state, K per state in order
         miss, erred = [], []  # per job: (C,) the practices unlike the expert's action; (T,) the states with one
         for rec in recs:
-            if rec["id"] in by_traj:
-                ids, spans = S.turn_spans(tok, S.to_messages(rec))
-                rec_steps = by_traj[rec["id"]]
+            if rec["id"] in by_traj:  # cut to the context, with the states past the cut (turn_spans)
+                ids, spans = S.turn_spans(tok, S.to_messages(rec), model.args.max_seq_len)
+                rec_steps = [s for s in by_traj[rec["id"]] if s["step"] < len(spans)]
+                if not rec_steps:
+                    continue
                 jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"]))
                                           for s in rec_steps for a in s["agent"]]))
                 miss.append(torch.tensor([not a["match"] for s in rec_steps for a in s["agent"]]))
@@ -369,10 +372,9 @@ class Outcome(Inverse):
         A, L = group_advantages(R, c.adv_std).flatten(), model.args.max_seq_len
         jobs, adv, rew = [], [], []
         for p, a, r in zip(played, A, R.flatten()):
-            ids, spans = S.turn_spans(tok, S.to_messages(p))
-            spans = [sp for sp in spans if sp[1] <= L]  # cut to the context
+            ids, spans = S.turn_spans(tok, S.to_messages(p), L)  # cut to the context
             if spans:
-                jobs.append((ids[:L], spans, []))
+                jobs.append((ids, spans, []))
                 adv.append(a.repeat(len(spans)))
                 rew.append(r.repeat(len(spans)))
         self.log(event="explore", iteration=it + 1, rollouts=len(played), reward=R.mean().item(),

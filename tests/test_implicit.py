@@ -41,8 +41,13 @@ def test_packed_loss_equals_naive_per_pair(tiny):  # noqa: F811
              {"traj_id": "t0", "step": 2, "agent": [{"text": "Action: click[8]", "match": False},
                                                     {"text": "Action: click[8]", "match": False},
                                                     {"text": "Thought: hm\nAction: click[< Prev]", "match": False}]}]
-    jobs = TI.build_jobs(tok, [rec], steps)
+    jobs = TI.build_jobs(tok, [rec], steps, model.args.max_seq_len)
     assert len(jobs) == 1 and len(jobs[0][3]) == 3  # matches dropped, duplicates counted once
+    full_ids, full_spans = S.turn_spans(tok, S.to_messages(rec))
+    cut = full_spans[2][1] - 1  # a context that ends inside step 2's action: step 2 is past the cut
+    (c_ids, c_spans, c_cands, c_pairs), = TI.build_jobs(tok, [rec], steps, cut)
+    assert c_spans == full_spans[:2] and c_ids == full_ids[:full_spans[2][0]]  # the cut-through action left out
+    assert c_pairs == [(0, 0)] and TI.build_jobs(tok, [rec], steps, full_spans[0][1] - 1) == []  # no step left
     ids, spans, cands, pairs = jobs[0]
     ref_model = M.Transformer.from_args(model.args, seed=7).eval()  # any other policy as the reference
     with torch.no_grad():

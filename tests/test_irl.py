@@ -88,6 +88,29 @@ def test_disc_data_erred_keeps_only_states_where_a_practice_missed():
     assert kept[0] is e and kept[1] is a
 
 
+def test_collect_cuts_a_trajectory_to_the_context(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Inverse's jobs: a trajectory longer than the context is cut to it (S.turn_spans' max_len), the
+    states past the cut dropped with their practices, so D and the policy score only what a rollout shows."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    rec = {"id": "t0", "conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                                         for m in CONV]}
+    full_ids, full_spans = S.turn_spans(tok, CONV)
+    steps = [{"traj_id": "t0", "step": t, "agent": [{"text": "Action: click[8]", "match": False},
+                                                     {"text": CONV[2 * t + 1]["content"], "match": True}]}
+             for t in (0, 2)]
+    monkeypatch.setattr(S, "inspect", lambda *a, **k: steps)
+    method = TR.Inverse(TR.IRLConfig(out=str(tmp_path), k=2))
+    monkeypatch.setattr(method, "records", lambda it: [rec])
+    data = method.collect(model, tok, 0, None)
+    assert [len(j[2]) for j in data["jobs"]] == [4] and data["jobs"][0][1] == full_spans  # fits: all of it
+    model.args.max_seq_len = full_spans[2][1] - 1  # the context ends inside step 2's action
+    data = method.collect(model, tok, 0, None)
+    (ids, spans, cands), = data["jobs"]
+    assert spans == full_spans[:2] and ids == full_ids[:full_spans[2][0]] and [t for t, _ in cands] == [0, 0]
+    assert data["miss"][0].tolist() == [True, False] and data["erred"][0].tolist() == [True, False]
+    assert [len(x) for x in data["old"]] == [sum(len(c) for _, c in cands)]  # pi_old per practice token
+
+
 def _job(tok, texts_by_step):
     ids, spans = S.turn_spans(tok, CONV)
     return ids, spans, [(t, S.turn_ids(tok, x)) for t, xs in texts_by_step for x in xs]
