@@ -116,9 +116,14 @@ def step_reward(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 def group_advantages(rewards: torch.Tensor, std: bool) -> torch.Tensor:
     """A_k = r_k - mean_j r_j over each group's K samples, rewards (S, K) -> (S, K); with std, divided
-    by the group's (unbiased) std + 1e-6."""
+    by the group's (unbiased) std, at least STD_FLOOR: K identical practices get D logits that differ
+    in the 7th digit (each sits in other columns of the packed row), and dividing that float noise by
+    its own std would hand them advantages of +-1."""
     a = rewards - rewards.mean(-1, keepdim=True)
-    return a / (rewards.std(-1, keepdim=True) + 1e-6) if std else a
+    return a / rewards.std(-1, keepdim=True).clamp_min(STD_FLOOR) if std else a
+
+
+STD_FLOOR = 1e-3
 
 
 def pg_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_eps: float):

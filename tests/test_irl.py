@@ -53,6 +53,8 @@ def test_group_advantages_rewards_and_disc_loss_by_hand():
     assert torch.equal(TR.group_advantages(r, std=False), torch.tensor([[0.5, -0.5], [0.0, 0.0], [1.5, -1.5]]))
     a = TR.group_advantages(r, std=True)  # unbiased std: sqrt(0.5), 0, sqrt(4.5)
     assert torch.allclose(a, torch.tensor([[1, -1], [0, 0], [1, -1]]) * math.sqrt(0.5), atol=1e-5)
+    noise = TR.group_advantages(torch.tensor([[4.9276, 4.9276 + 4.8e-7, 4.9276 - 2.4e-7, 4.9276]]), std=True)
+    assert noise.abs().max() < 1e-3  # identical practices' float noise is no signal (not +-1 after the std)
     k4 = TR.group_advantages(torch.tensor([[1.0, 2.0, 3.0, 6.0]]), std=False)
     assert torch.equal(k4, torch.tensor([[-2.0, -1.0, 0.0, 3.0]]))
     # the step rewards at D = sigmoid(1.5)
