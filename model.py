@@ -930,7 +930,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
     probs = logits.softmax(-1)
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest set whose mass reaches top_p
+        drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest set whose mass reaches top_p
+        drop[:, 0] = False  # and the top token always (top_p 0: greedy's set)
         probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

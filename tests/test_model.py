@@ -220,6 +220,11 @@ def test_sampling_respects_top_k_and_generator(tiny):
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
     draws = {int(M.sample(logits, 1.0, top_p=0.5, generator=g(i))) for i in range(30)}
     assert draws == {1}  # the smallest set reaching mass 0.5 is the top token alone
+    exact = torch.tensor([[0.5, 0.25, 0.25]]).log()  # the top token's mass is exactly top_p (0.5 in float32)
+    assert {int(M.sample(exact, 1.0, top_p=0.5, generator=g(i))) for i in range(30)} == {0}
+    assert {int(M.sample(exact, 1.0, top_p=0.0, generator=g(i))) for i in range(30)} == {0}
+    two = {int(M.sample(exact, 1.0, top_p=0.75, generator=g(i))) for i in range(60)}
+    assert len(two) == 2 and 0 in two  # 0.75 is reached by two tokens: the third (tied) is dropped
 
 
 def test_token_logprobs_matches_log_softmax_and_src(tiny):
