@@ -606,10 +606,11 @@ def verdicts(cells: dict, n_seeds: int, splits=("test", "test_unseen"), tasks: d
                     paired = "; ".join(filter(None, [paired, f"tasks solved by it alone {x}, by the other alone {y}: "
                                                               f"sign test p = {sign_test(x, y):.2g}"]))
                 ra, rb = rewards.get((ours, split), {}), rewards.get((base, split), {})
-                if ma == mb and all(s in ra and s in rb for s in both):
+                same = math.isclose(ma, mb, rel_tol=0, abs_tol=1e-9)  # equal sums of k/n, added in another order
+                if same and all(s in ra and s in rb for s in both):
                     mr = [mean_spread([r[s] for s in both])[0] for r in (ra, rb)]
                     paired = "; ".join(filter(None, [f"average reward {mr[0]:.3f} vs {mr[1]:.3f}", paired]))
-                word = "**does not beat it** (equal" + (f"; {paired})" if paired else ")") if ma == mb else \
+                word = "**does not beat it** (equal" + (f"; {paired})" if paired else ")") if same else \
                     "higher, one seed" + (f" ({paired})" if paired else " (no spread over seeds to judge the gap by)") \
                     if sd is None and ma > mb else \
                     "**does not beat it**" + (f" ({paired})" if paired else "") if ma < mb else \

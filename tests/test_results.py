@@ -124,6 +124,11 @@ def test_verdicts_show_reward_where_success_ties():
     cells[ours, "test"] = {0: 0.0}
     lines = {x.split(":")[0]: x for x in R.verdicts(cells, 1, ("test",), rewards=rewards)}
     assert lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"].endswith("success 0.000 vs 0.000, **does not beat it** (equal)")
+    a, b = [55 / 200, 59 / 200, 33 / 200], [59 / 200, 34 / 200, 54 / 200]  # 147 tasks each, summed in other orders
+    assert sum(a) / 3 != sum(b) / 3  # floats: the two means differ in the last bit
+    cells = {**cells, (ours, "test"): dict(enumerate(a)), (base, "test"): dict(enumerate(b))}
+    line = {x.split(":")[0]: x for x in R.verdicts(cells, 3, ("test",))}[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
+    assert "success 0.245 vs 0.245, **does not beat it** (equal; 1/3 seeds higher" in line
 
 
 def _fingerprint(out):
