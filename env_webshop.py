@@ -21,7 +21,11 @@ Departures from WebShop, on purpose:
   non-stopword words instead of spaCy nouns. Attribute and option matching keep WebShop's rules
   (token-set fuzzy ratio > 85, exact for size options, attribute text found in the title/features/
   description) with difflib's ratio standing in for thefuzz's, and without colour normalisation.
-  Goal options a purchase did not choose count as unmatched.
+  Goal options a purchase did not choose count as unmatched. Options are stricter than WebShop's
+  get_option_reward: each goal option counts at most once, and only when a chosen value matches it;
+  WebShop also counts a chosen value found in the product's title, bullets or description, and counts
+  over the chosen options (so a wrong option that appears in the text, e.g. "pro" in "waterproof",
+  earns credit there and not here).
 - Real data: a product's price is the low end of its price range (WebShop draws one at random);
   the price bound of a goal is drawn as in WebShop but with a per-goal fixed seed. Real splits
   follow WebShop's (goals shuffled with seed 233; test = first 500, dev = next 1,000, rest train;
