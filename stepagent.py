@@ -529,6 +529,12 @@ def collate(examples, pad_id: int, device, all_tokens: bool = False):
     return x.to(device), tm.to(device)
 
 
+def n_targets(example, all_tokens: bool = False) -> int:
+    """How many target tokens collate gives an (ids, mask) example: tm's count for its row."""
+    ids, mask = example
+    return len(ids) - 1 if all_tokens else sum(mask) - bool(mask[0])
+
+
 def sft_loss(model, x, tm) -> torch.Tensor:
     """Mean negative log-likelihood of the assistant tokens (the paper's L_SFT, per token)."""
     lp = M.token_logprobs(model, x, tm)
@@ -648,15 +654,15 @@ def train_sft(cfg: Config) -> str:
                                             for i, r in enumerate(records)]
         return encode_records(tok, recs, model.args.max_seq_len)
     data = epoch_data(state["epoch"])
-    n_batches = math.ceil(len(data) / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total = steps_per_epoch * n_epochs
+    first = data if not pattern or not state["epoch"] else epoch_data(0)  # the schedule's length, as first run
+    total = math.ceil(math.ceil(len(first) / cfg.batch_size) / cfg.grad_accum) * n_epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state["epoch"]:
         P.load_optim_state(model, opt, os.path.join(ckpt, "optimizer.pt"))
         print(f"resuming SFT from {ckpt} after epoch {state['epoch']}")
-    log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))
     step = state["step"]
+    _truncate_log(os.path.join(cfg.out, "sft_metrics.jsonl"), step, False)  # an epoch killed before its save
+    log = Log(os.path.join(cfg.out, "sft_metrics.jsonl"))  # (its lines are written again below)
 
     def dev_epoch(st: dict) -> None:
         """The dev evaluation of the epoch just saved (st: its trainer state), its log line, the state
@@ -676,19 +682,24 @@ def train_sft(cfg: Config) -> str:
         if pattern and epoch != state["epoch"]:
             data = epoch_data(epoch)
         batches = length_batches([len(d[0]) for d in data], cfg.batch_size, cfg.seed * 1000 + epoch)
+        n_batches, ga = len(batches), cfg.grad_accum
+        # target tokens of each global batch (every rank's part): a step's loss is the mean over all of
+        # its tokens, whichever micro-batch and rank they fall in, as one batch of ga * batch_size would be
+        counts = [sum(n_targets(data[i], pre) for i in batch) for batch in batches]
         desc = f"{'pretrain' if pre else 'sft'} epoch {epoch + 1}/{n_epochs}"
         bar = tqdm(range(n_batches), desc=desc, dynamic_ncols=True, disable=not P.is_main())
-        t0, tokens = time.time(), 0
+        t0, tokens, part = time.time(), 0, 0.0
         for b in bar:
             mine, live = P.shard_batch(batches[b])  # this rank's slice of the global batch (all of it in one process)
             x, tm = collate([data[i] for i in mine], tok.pad_id, device, all_tokens=pre)
             with autocast(device, cfg.amp):
                 loss = sft_loss(model, x, tm)  # the mean over this rank's target tokens
-            w, = P.shares(int(tm.sum()) * live)  # this rank's share of the global batch's target tokens
-            (loss * w / cfg.grad_accum).backward()
-            loss_all = P.all_sum({"loss": loss.item() * w})["loss"]  # the global batch's mean
+            w = int(tm.sum()) * live / sum(counts[b - b % ga:b - b % ga + ga])  # their share of the step's tokens
+            (loss * w).backward()
+            part += loss.item() * w
             tokens += x.numel() * live
-            if (b + 1) % cfg.grad_accum == 0 or b == n_batches - 1:
+            if (b + 1) % ga == 0 or b == n_batches - 1:
+                loss_all, part = P.all_sum({"loss": part})["loss"], 0.0  # the step's mean over its tokens
                 lr = lr_at(step, total, cfg.warmup, cfg.sft_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -1184,7 +1195,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
                        disable=not P.is_main())
             for b in bar:
                 m = method.update(model, opt, data, b, it)
-                state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n, "timed": timed}
+                state = {"iteration": it, "batch": b + 1, "step": state["step"] + 1, "done": b + 1 == n, "timed": timed,
+                         "machines": state.get("machines")}
                 log.write(step=state["step"], iteration=it + 1, **m)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(m.items())[:2]})
                 if b + 1 < n and cfg.save_every and (b + 1) % cfg.save_every == 0:

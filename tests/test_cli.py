@@ -27,6 +27,31 @@ def run_dir(tmp_path_factory):
     return out
 
 
+def test_grad_accum_takes_the_step_of_one_big_batch(tmp_path):
+    """8 trajectories as one batch, or as 8 accumulated batches of 1: the same optimiser steps, the loss
+    a mean over every target token of the step whichever micro-batch holds it (not a mean of the
+    micro-batches' means, which weights a short trajectory's tokens more)."""
+    from safetensors.torch import load_file
+    args = [*MICRO, "--sft_epochs", "2", "--n_dev", "1", "--n_test", "1", "--log_every", "1"]
+    outs = [str(tmp_path / "one"), str(tmp_path / "accum")]
+    run("stepagent.py", "sft", *args, "--batch_size", "8", "--out", outs[0])
+    run("stepagent.py", "sft", *args, "--batch_size", "1", "--grad_accum", "8", "--out", outs[1])
+    w = [load_file(os.path.join(o, "sft", "model.safetensors")) for o in outs]
+    assert max((w[0][k] - w[1][k]).abs().max().item() for k in w[0]) < 1e-5
+    steps = [[json.loads(x) for x in open(os.path.join(o, "sft_metrics.jsonl")) if '"grad_norm"' in x] for o in outs]
+    assert len(steps[0]) == len(steps[1]) == 3  # 1 pretrain + 2 SFT epochs, one step each
+    for a, b in zip(*steps):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    # a run killed in its last epoch, after that epoch's lines were logged but before its save: the
+    # resumed run logs them again, and the file keeps them once (as an uninterrupted run's)
+    state_path = os.path.join(outs[0], "sft", "trainer_state.json")
+    json.dump({**json.load(open(state_path)), "epoch": 2, "step": 2, "dev": {}}, open(state_path, "w"))
+    run("stepagent.py", "sft", *args, "--batch_size", "8", "--out", outs[0])
+    lines = [json.loads(x) for x in open(os.path.join(outs[0], "sft_metrics.jsonl"))]
+    assert [x["step"] for x in lines if "grad_norm" in x] == [1, 2, 3]
+    assert [x["epoch"] for x in lines if x.get("event") == "sft_epoch"] == [2, 3]
+
+
 def test_sft_writes_checkpoint_metrics_and_eval(run_dir):
     state = json.load(open(os.path.join(run_dir, "sft", "trainer_state.json")))
     assert state["epoch"] == 2 and state["step"] == 4  # (1 pretrain + 1 SFT epoch) x 8 trajectories / batch 4
