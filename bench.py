@@ -542,15 +542,23 @@ SHAPES = {  # and "tiny": the tiny preset's default shape (stepagent.tiny_args),
     "1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                intermediate_size=8192, rope_theta=500000.0),  # Llama-3.2-1B's shape (1.24B parameters)
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (datasheets)
+# dense bf16 tensor-core FLOP/s (datasheets), the first name found in the device's wins: the PCIe and
+# NVL cards run lower clocks than the SXM ones plain "H100" / "H200" name
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "A100": 312e12}
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """The dense bf16 peak of the first PEAK_BF16 name found in the device's name; None if none is."""
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
 def train_flops(args: M.ModelArgs, row_lens: list[int], n_targets: int, scores: int | None = None) -> float:
     """FLOPs of one forward+backward (3x the forward's matrix products) over rows of these lengths:
     every linear layer on every token, the LM head on the target tokens only (token_logprobs computes
     logits nowhere else), and attention over `scores` query-key pairs per head and layer: by default
-    dense over each row (what SDPA computes for a causal row; PaLM's and nanoGPT's count, which
-    counts it in full); for packed rows, block_scores of their BlockMask."""
+    dense over each row (PaLM's and nanoGPT's count: the full square, about twice what a causal
+    kernel that skips masked tiles computes); for packed rows, block_scores of their BlockMask."""
     a = args
     per_tok = a.n_layers * (a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
                             + 3 * a.dim * a.intermediate_size)
@@ -579,7 +587,7 @@ def bench_train(a) -> None:
         raise SystemExit(f"bench.py train: --seq {a.seq}: at least 160 (a step-DPO row packs 10 expert actions of 16 tokens)")
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak = a.peak_tflops * 1e12 if a.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else peak_bf16(name)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ctx = max(a.seq, 4096)
     args = S.tiny_args(S.Config(max_seq_len=ctx), 2048) if a.shape == "tiny" else \
@@ -647,6 +655,9 @@ def bench_train(a) -> None:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**args.to_hf())).to(dev).train()
+        if a.compile:  # the peer compiled the same way, so the ratio is the models', not torch.compile's
+            for layer in hf.model.layers:
+                layer.compile()
         t_hf = timeit(stepper(hf, lambda m: m(x, labels=x).loss), a.repeat)
         del hf
     except ImportError:
@@ -655,7 +666,7 @@ def bench_train(a) -> None:
     report("SFT", ours_name, t_ours, x.numel(), sft_flops,
            f"{t_hf / t_ours:.2f}x" if t_hf else "transformers not installed")
     if t_hf:
-        report("SFT", "transformers", t_hf, x.numel(), sft_flops)
+        report("SFT", "transformers" + (" (torch.compile)" if a.compile else ""), t_hf, x.numel(), sft_flops)
     ways = ("one SDPA call", "block by block")[::1 if one_call else -1]
     report(f"step-DPO ({len(pairs)} pairs/row)", f"{ours_name}, {ways[0]}", t_dpo, n_tok, dpo_flops,
            f"{t_dpo_peer / t_dpo:.2f}x {ways[1]}")

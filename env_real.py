@@ -40,7 +40,9 @@ TextWorldExpressEnv ("textworld-express")
     Games `twc` (default), `cookingworld`, `coin`, chosen with `game=` in make_tasks and the
     constructor; the game and its parameters are stored in Task.data and the game in the task id.
     Splits are the package's seed folds (train 0-999, dev 10000-10999, test 20000-20999, each
-    played with its own gameFold; in twc the folds also hold different objects). Small game
+    played with its own gameFold; in twc the folds also hold different objects; coin's do not, and
+    its 3 rooms repeat: 1000 train seeds make 134 distinct games and about half of its test tasks
+    are train games, so coin measures memorisation, twc generalisation). Small game
     parameters (`TWX_GAMES`): twc 1 room and 2 items to put away; cookingworld 1 room, 2
     ingredients, 2 distractors; coin 3 rooms. No doors, unlimited inventory. Step limit 50.
     Reward: 1.0 on task success, 0.0 on task failure, else (step limit) the package's normalised
@@ -243,7 +245,9 @@ def sciworld_step_limit(gold_len: int) -> int:
 
 
 class ScienceWorldEnv:
-    """The real ScienceWorld through the `scienceworld` package; one JVM per object."""
+    """The real ScienceWorld through the `scienceworld` package; one JVM per object. Invalid steps
+    (INVALID) are those the parser rejects; an action that parses but cannot be done ("The banana is
+    not openable.") is not counted, so its invalid share is a lower bound, unlike the other envs'."""
 
     name = "scienceworld"
     splits = ("train", "dev", "test")

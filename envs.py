@@ -114,7 +114,9 @@ def parse_action(turn: str) -> str | None:
 
 
 def normalize_action(action: str | None) -> str:
-    """Case, whitespace and bracket-content normalisation, for comparing agent and expert actions."""
+    """Case, whitespace and bracket-content normalisation, for comparing agent and expert actions.
+    (TextWorldExpress itself wants the exact lower-case text: a sampled "Take X" counts as a match
+    here though the env would reject it; the models, trained on lower-case experts, rarely do that.)"""
     if not action:
         return ""
     a = action.strip().lower()
@@ -142,7 +144,8 @@ def instruction(env) -> str:
 
 
 def atomic_write(path: str, text: str) -> None:
-    """Write text to path via a temp file in the same folder and a rename: never a half-written file."""
+    """Write text to path via a temp file in the same folder and a rename: a killed process never
+    leaves a half-written file (no fsync: a power loss can still leave the old or an empty one)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))

@@ -447,6 +447,13 @@ def test_a_save_killed_between_its_renames_is_restored(tiny, tmp_path, monkeypat
     M.restore_checkpoint(str(tmp_path / "absent" / "ck"))  # nothing there: nothing to do
 
 
+def test_bench_peak_names_the_card():
+    import bench
+    assert bench.peak_bf16("NVIDIA H100 80GB HBM3") == bench.peak_bf16("NVIDIA H200") == 989e12  # SXM
+    assert bench.peak_bf16("NVIDIA H100 PCIe") == 756e12 and bench.peak_bf16("NVIDIA H100 NVL") == 835e12
+    assert bench.peak_bf16("NVIDIA H200 NVL") == 835e12 and bench.peak_bf16("cpu") is None
+
+
 def test_bench_train_flops_equal_torchs_count():
     """bench.py train's MFU numerator: the formula equals torch's own count of the matrix products
     of a forward+backward (math attention, so the attention products are counted too), for an SFT
