@@ -590,7 +590,8 @@ def machine() -> dict:
     if "cpu family" in info:
         cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
     return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "mkl": mkl_code(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def machines(seen: list | None) -> list[dict]:
@@ -694,7 +695,8 @@ def train_sft(cfg: Config) -> str:
             x, tm = collate([data[i] for i in mine], tok.pad_id, device, all_tokens=pre)
             with autocast(device, cfg.amp):
                 loss = sft_loss(model, x, tm)  # the mean over this rank's target tokens
-            w = int(tm.sum()) * live / sum(counts[b - b % ga:b - b % ga + ga])  # their share of the step's tokens
+            group = max(1, sum(counts[b - b % ga:b - b % ga + ga]))  # the step's target tokens, all ranks
+            w = int(tm.sum()) * live / group  # this rank's share of them
             (loss * w).backward()
             part += loss.item() * w
             tokens += x.numel() * live
