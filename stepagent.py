@@ -733,7 +733,7 @@ def train_sft(cfg: Config) -> str:
 
 # the options that shape the novice (its data, base model and SFT); the tiny preset's own ones only there
 NOVICE = ("env", "preset", "seed", "dtype", "n_train", "sft_epochs", "sft_lr", "batch_size", "grad_accum",
-          "warmup", "weight_decay", "grad_clip", "rename_ids", "amp")
+          "warmup", "weight_decay", "grad_clip", "rename_ids", "amp", "fsdp")  # fsdp: its optimiser state's layout
 NOVICE_TINY = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "pretrain_epochs", "whole_ids")
 
 
@@ -741,12 +741,13 @@ def _check_novice_options(cfg: Config, state: dict, finished: bool) -> None:
     """<out>/novice.json records the options the novice in <out> is made with; a later run in the same
     --out with other ones is refused, the option named, instead of silently reusing or resuming a
     novice (or a tiny base, or expert data) made otherwise. A finished novice is reused whatever this
-    run's --amp: that is the precision of what trains next (--amp auto differs between machines).
+    run's --amp (the precision of what trains next; --amp auto differs between machines) and --fsdp
+    (which only a resumed SFT's optimiser state cares about).
     A novice from before novice.json is checked on the precision its trainer_state.json recorded."""
     path = os.path.join(cfg.out, "novice.json")
     now = {k: getattr(cfg, k) for k in NOVICE + (NOVICE_TINY if cfg.preset == "tiny" else ())}
     old = json.load(open(path)) if os.path.exists(path) else {k: state[k] for k in ("amp",) if k in state}
-    diff = [k for k in now if k in old and old[k] != now[k] and not (finished and k == "amp")]
+    diff = [k for k in now if k in old and old[k] != now[k] and not (finished and k in ("amp", "fsdp"))]
     if diff:
         k = diff[0]
         sys.exit(f"error: {cfg.out} holds a novice made with --{k} {old[k]}, not {now[k]}; rerun with "

@@ -145,6 +145,17 @@ def test_machines_adds_a_machine_only_when_it_changes(monkeypatch):
     assert S.machines([vendor]) == [vendor, here]
 
 
+def test_sft_resumed_under_other_fsdp_is_refused_in_one_line(tmp_path):
+    """A half-trained novice's optimiser state is laid out for --fsdp or not: resuming it the other way
+    is refused with the option named (it crashed in the optimiser's load); a finished one is reused."""
+    cfg = S.Config(out=str(tmp_path))
+    S._check_novice_options(cfg, {"epoch": 0, "step": 0}, finished=False)  # begun now: novice.json written
+    other = S.Config(out=str(tmp_path), fsdp=True)
+    with pytest.raises(SystemExit, match="made with --fsdp False, not True; rerun with --fsdp False"):
+        S._check_novice_options(other, {"epoch": 1, "step": 4}, finished=False)
+    S._check_novice_options(other, {"epoch": 6, "step": 750}, finished=True)  # finished: the methods may use FSDP
+
+
 def test_mkl_code_names_mkls_path_or_none(monkeypatch):
     code = S.mkl_code()
     if torch.backends.mkl.is_available() and platform.system() == "Linux":  # torch's Linux x86 wheels link MKL in
