@@ -38,6 +38,10 @@ def _torchrun(script: str, args: list[str], n: int = 2, timeout: int = 300) -> s
     return r.stdout
 
 
+def _task_ids(root: str, folder: str) -> list[str]:
+    return [t["task"]["id"] for t in json.load(open(os.path.join(root, folder, "trajectories.json")))]
+
+
 def _files(root: str) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
@@ -67,6 +71,7 @@ def test_sft_two_processes_take_the_one_process_steps(novices):
     assert _files(a) == _files(b)  # the same files, and no stray ones
     # the test evaluation gathered both ranks' tasks; only rank 0 printed
     assert json.load(open(os.path.join(b, "eval", "sft-test", "summary.json")))["n"] == 2
+    assert _task_ids(b, "eval/sft-test") == _task_ids(a, "eval/sft-test")  # gathered in the tasks' order
     assert stdout.count("novice test: success") == 1 and stdout.count('"env": "hotpotqa"') == 1
 
 
@@ -113,5 +118,6 @@ def test_reflection_two_processes_take_the_one_process_steps(novices, one_proces
     assert [x["iteration"] for x in mb if x.get("event") == "iteration"] == [1, 2]
     assert stdout.count(" iter 2 |") == 1
     assert json.load(open(os.path.join(b, method, "eval-iter2-test", "summary.json")))["n"] == 2
+    assert _task_ids(b, f"{method}/eval-iter2-test") == _task_ids(a, f"{method}/eval-iter1-test")  # in order
     # each rank kept its share of the collect and the evaluations in a partial file of its own, then dropped it
     assert not [f for f in _files(b) if "partial.pt" in f]
