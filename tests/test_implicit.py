@@ -157,6 +157,19 @@ def test_train_implicit_smoke(tmp_path):
     assert r.returncode != 0 and "--beta 0.1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_run_resumed_elsewhere_keeps_both_machines(tmp_path):
+    """last/trainer_state.json lists every machine a run computed on, through the updates after a
+    resume (another thread count stands in for another machine: `machine()` records it)."""
+    out = str(tmp_path / "run")
+    for iterations, threads in (("1", "1"), ("2", "2")):
+        r = subprocess.run([sys.executable, "train_implicit.py", *MICRO, "--traj_batch", "3", "--iterations", iterations,
+                            "--out", out], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": threads})
+        assert r.returncode == 0, r.stderr[-3000:]
+    state = json.load(open(os.path.join(out, "implicit", "last", "trainer_state.json")))
+    assert state["iteration"] == 1 and state["done"] and [m["threads"] for m in state["machines"]] == [1, 2]
+
+
 def test_eto_baseline_smoke(tmp_path):
     out = str(tmp_path / "run")
     # a first attempt killed before its first save (and before collect-1.pt) left its explore line and a
