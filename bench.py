@@ -690,7 +690,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="train: SFT rows (step-DPO: half as many packed rows)")
     p.add_argument("--seq", type=int, default=1024, help="train: tokens per SFT row / per packed trajectory")
     p.add_argument("--device", default=None, help="train: cuda if there is one, else cpu")
-    p.add_argument("--compile", action="store_true", help="train: torch.compile every transformer block")
+    p.add_argument("--compile", action="store_true", help="train: torch.compile every transformer block, ours and the peer's")
     p.add_argument("--peak_tflops", type=float, default=None, help="train: the device's bf16 peak for MFU")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
