@@ -419,7 +419,7 @@ def test_a_save_killed_between_its_renames_is_restored(tiny, tmp_path, monkeypat
     """save_model swaps the new folder in by two renames; killed between them, the old checkpoint sits
     in .ck.old-*: restore_checkpoint (called before every resume and by the next save) moves it back,
     and a later save leaves no leftovers."""
-    model, tok = tiny
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]  # its weights change below; the fixture is the module's
     ck = str(tmp_path / "ck")
     M.save_model(model, tok, ck, extra={"trainer_state.json": {"step": 1}})
     before = open(os.path.join(ck, "model.safetensors"), "rb").read()
