@@ -8,7 +8,7 @@ rotate-half form, so no q/k permutation is needed. What is here:
     ModelArgs.from_hf(config)           config.json -> dataclass; unsupported values are errors
     Transformer                         forward(tokens, input_pos, mask, cache) -> logits
     load_model(dir) / save_model(...)   the Hugging Face layout (sharded or not), checked by name
-    Tokenizer                           `tokenizers` + chat formats (ChatML, Llama 3, Llama 2, plain)
+    Tokenizer                           `tokenizers` + chat formats (ChatML, Llama 3, Llama 2, Mistral, plain)
     generate(...)                       batched ragged prompts, KV cache, greedy / top-p / top-k
     token_logprobs(...)                 log-probs of chosen target tokens, what every loss uses
     convert_gguf(...)                   llama.cpp GGUF -> the Hugging Face layout
@@ -79,7 +79,7 @@ class ModelArgs:
         if mt not in ("llama", "mistral", "qwen2"):
             raise bad("model_type", f"is {mt!r}; supported: llama (Llama 2/3, SmolLM2), mistral, qwen2")
         act = cfg.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers' two names of one function
             raise bad("hidden_act", f"is {act!r}; only silu (SwiGLU) is supported")
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if k not in cfg:
@@ -95,12 +95,14 @@ class ModelArgs:
             if kind not in ("llama3", "linear", "default"):
                 raise bad("rope_scaling", f"has rope_type {kind!r}; supported: llama3, linear")
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+            if kind == "llama3":  # as transformers: the pretraining context defaults to the config's
+                scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
         ctx = max_seq_len or cfg.get("max_position_embeddings", 4096)
-        window = cfg.get("sliding_window")
+        window = cfg.get("sliding_window", 4096)  # transformers' default where the key is absent
         uses_window = mt == "mistral" or (mt == "qwen2" and cfg.get("use_sliding_window", False))
         if uses_window and window is not None and window < ctx:
             raise bad("sliding_window", f"is {window} < context {ctx}; sliding-window attention is not "
-                      f"implemented (load with max_seq_len <= {window})")
+                      f"implemented (load with max_seq_len <= {window}: on the command line, --context {window})")
         bias = bool(cfg.get("attention_bias", False))
         return ModelArgs(
             vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
@@ -137,7 +139,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
         inv = inv / s["factor"]
     elif s and s["rope_type"] == "llama3":
         factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-        old_ctx = s.get("original_max_position_embeddings", 8192)
+        old_ctx = s.get("original_max_position_embeddings", args.max_seq_len)
         wavelen = 2 * math.pi / inv
         # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
         smooth = (old_ctx / wavelen - lo) / (hi - lo)
@@ -561,7 +563,7 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- tokenizer and chat
 
-CHAT_FORMATS = ("chatml", "llama3", "llama2", "plain")
+CHAT_FORMATS = ("chatml", "llama3", "llama2", "mistral", "plain")
 
 
 def _token_str(t) -> str | None:
@@ -586,6 +588,10 @@ class Tokenizer:
         self.template = self.config.get("chat_template") or ""
         if isinstance(self.template, list):  # several named templates: take the default
             self.template = next((t["template"] for t in self.template if t.get("name") == "default"), "")
+        jinja = os.path.join(path, "chat_template.jinja")  # where transformers >= 5 saves it
+        if not self.template and os.path.exists(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                self.template = f.read()
         vocab = self.tk.get_vocab()
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
@@ -599,8 +605,20 @@ class Tokenizer:
         end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "llama2": self.eos_token}.get(self.format)
         self.end_of_turn = end if end in vocab else self.eos_token
         self.stop_ids = sorted({i for i in (self.eos_id, vocab.get(self.end_of_turn or "")) if i is not None})
-        m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", self.template, re.S)
+        t = self.template
+        # the text of a literal system turn (SmolLM2's, Qwen2's default); no quotes or braces, so not Jinja code
+        m = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>", t)
         self.default_system = m.group(1) if (m and self.format == "chatml") else None
+        # Llama 3.1+: a system turn always, opening with the knowledge cutoff and the date (transformers'
+        # default date_string; 3.2's template reads the clock, pinned here so a chat renders the same every day)
+        m = re.search(r"Cutting Knowledge Date: ([^'\"{}\\\n]*)", t)
+        self.system_prefix = f"Cutting Knowledge Date: {m.group(1)}\nToday Date: 26 Jul 2024\n\n" \
+            if (m and self.format == "llama3") else None
+        # Mistral's templates differ in spacing, in trimming replies and in which user turn holds the
+        # system text (v0.2: the first; v0.3: the chat's last message, if a user turn): read from the template
+        self.mistral = (" [INST] " if re.search(r"""['"] \[INST\] """, t) else "[INST] ",
+                        " [/INST]" if " [/INST]" in t else "[/INST]", "loop.last and system_message" in t,
+                        bool(re.search(r"""content['"]\]\s*\|\s*trim""", t)))
 
     def _detect_format(self, vocab) -> str:
         t = self.template
@@ -608,8 +626,8 @@ class Tokenizer:
             return "chatml"
         if "<|start_header_id|>" in t or (not t and "<|start_header_id|>" in vocab):
             return "llama3"
-        if "[INST]" in t:
-            return "llama2"
+        if "[INST]" in t:  # Llama 2 folds the system text into <<SYS>>; Mistral has no such tags
+            return "llama2" if "<<SYS>>" in t else "mistral"
         return "plain"
 
     @property
@@ -638,8 +656,12 @@ class Tokenizer:
             text += s
 
         f = self.format
-        if f == "llama3":
+        if f in ("llama3", "mistral"):
             add(self.bos_token or "")
+        if f == "llama3" and self.system_prefix is not None:  # Llama 3.1+: a system turn in every chat
+            own = msgs.pop(0)["content"].strip() if msgs and msgs[0]["role"] == "system" else ""
+            add(f"<|start_header_id|>system<|end_header_id|>\n\n{self.system_prefix}{own}<|eot_id|>")
+        sys_msg = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
         for i, m in enumerate(msgs):
             role, content, is_a = m["role"], m["content"], m["role"] == "assistant"
             if f == "chatml":
@@ -655,16 +677,27 @@ class Tokenizer:
                 if is_a:
                     add(f" {content.strip()} {self.eos_token}", True)
                 else:
-                    sys_msg = msgs[0]["content"] if (msgs[0]["role"] == "system" and i == 1) else None
-                    body = f"<<SYS>>\n{sys_msg}\n<</SYS>>\n\n{content.strip()}" if sys_msg else content.strip()
-                    add(f"{self.bos_token}[INST] {body} [/INST]")
-            else:  # plain: role-labelled lines, the end-of-turn token after each assistant turn
-                add(f"{role.capitalize()}: ")
-                add(content + (self.eos_token or ""), is_a) if is_a else add(content)
+                    body = f"<<SYS>>\n{sys_msg}\n<</SYS>>\n\n{content}" if (sys_msg is not None and i == 1) else content
+                    add(f"{self.bos_token}[INST] {body.strip()} [/INST]")
+            elif f == "mistral":
+                inst, end, sys_last, trim = self.mistral
+                if role == "system":
+                    continue  # opens a user turn below
+                if is_a:  # the space too: it is what follows the prompt
+                    add(" " + (content.strip() if trim else content) + (self.eos_token or ""), True)
+                else:
+                    here = sys_msg is not None and i == (len(msgs) - 1 if sys_last else 1)
+                    add(inst + (f"{sys_msg}\n\n" if here else "") + content + end)
+            elif is_a:  # plain: role-labelled lines, the end-of-turn token after each assistant turn
+                add("Assistant:")  # the space is the reply's: tokenizers merge it into its first word, so the
+                # generation prompt "Assistant:" is a token prefix of the chat
+                add(f" {content}{self.eos_token or ''}", True)
                 add("\n")
+            else:
+                add(f"{role.capitalize()}: {content}\n")
         if add_generation_prompt:
             add({"chatml": "<|im_start|>assistant\n", "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                 "llama2": "", "plain": "Assistant: "}[f])
+                 "llama2": "", "mistral": "", "plain": "Assistant:"}[f])
         return text, spans
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False):
@@ -686,6 +719,9 @@ class Tokenizer:
         cfg.setdefault("chat_format", self.format)
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump(cfg, f, indent=1, ensure_ascii=False)
+        if self.template and not cfg.get("chat_template"):  # it came from chat_template.jinja: so it goes back
+            with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.template)
 
 
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
@@ -833,7 +869,8 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path: str, max_shard_by
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         cfg = model.args.to_hf()
-        cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+        # transformers >= 5 reads `dtype` before `torch_dtype`: both name the saved one (an HF file's may differ)
+        cfg["dtype"] = cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
         for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                      ("pad_token_id", tokenizer.pad_id)):
             cfg.setdefault(k, v)
@@ -1152,6 +1189,7 @@ _GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")  # llama.cpp's names of Llama 3's pre-tokenizer
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -1177,6 +1215,9 @@ def _gguf_name(name: str) -> str:
         return f"{_GGUF_TOP[p[0]]}.{kind}"
     if len(p) == 3 and p[0] == "blk" and p[2] in _GGUF_BLOCK:
         return f"model.layers.{int(p[1])}.{_GGUF_BLOCK[p[2]]}.{kind}"
+    if name == "rope_freqs.weight":
+        raise ValueError("GGUF tensor 'rope_freqs.weight' is llama3 rope scaling's frequency table (a Llama 3.1+ "
+                         "GGUF); converting it is not supported: load the Hugging Face checkpoint instead")
     raise ValueError(f"GGUF tensor {name!r} has no Hugging Face Llama counterpart (unsupported model)")
 
 
@@ -1192,7 +1233,7 @@ def _gguf_pre_tokenizer(pre: str) -> dict:
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}
     if pre in ("gpt2", "default"):
         return dict(_BYTE_LEVEL)
-    if pre in ("llama3", "llama-v3", "llama-bpe"):
+    if pre in _LLAMA3_PRE:
         return {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
             dict(_BYTE_LEVEL, use_regex=False)]}
@@ -1205,7 +1246,7 @@ def _gguf_tokenizer(meta: dict) -> tuple[dict, dict]:
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; only byte-level BPE "
                          "('gpt2') GGUF tokenizers are supported")
-    tokens = list(meta["tokenizer.ggml.tokens"])
+    tokens, pre = list(meta["tokenizer.ggml.tokens"]), meta.get("tokenizer.ggml.pre", "gpt2")
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     vocab = {}
     for i, t in enumerate(tokens):
@@ -1213,19 +1254,18 @@ def _gguf_tokenizer(meta: dict) -> tuple[dict, dict]:
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": ty != 3, "special": ty == 3}  # 3 = control token, 4 = user-defined
              for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
+    # ignore_merges (Llama 3's tokenizer.json, and llama.cpp for its pre-type): a word in the vocab is one token
     tok_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-                "pre_tokenizer": _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2")),
+                "pre_tokenizer": _gguf_pre_tokenizer(pre),
                 "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
                 "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                          "ignore_merges": False, "vocab": vocab,
+                          "ignore_merges": pre in _LLAMA3_PRE, "vocab": vocab,
                           "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]}}
     tok = lambda k: tokens[meta[k]] if k in meta else None  # noqa: E731
-    eos = tok("tokenizer.ggml.eos_token_id")
+    eos = tok("tokenizer.ggml.eos_token_id")  # as transformers reads a GGUF (SmolLM2's: <|im_end|>)
     template = meta.get("tokenizer.chat_template") or ""
-    if "<|im_end|>" in template and "<|im_end|>" in vocab:
-        eos = "<|im_end|>"  # SmolLM2's GGUF says eos = <|im_start|>; its Hugging Face config says <|im_end|>
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok("tokenizer.ggml.bos_token_id"),
            "eos_token": eos, "pad_token": eos, "unk_token": tok("tokenizer.ggml.unknown_token_id"),
            "clean_up_tokenization_spaces": False, "chat_template": template,
@@ -1311,6 +1351,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--top_p", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="fp32")
+    s.add_argument("--context", type=int, default=0, help="load with this context in tokens (0: the model's own)")
     a = p.parse_args(argv)
     try:
         if a.cmd == "convert-gguf":
@@ -1318,7 +1359,7 @@ def main(argv: list[str] | None = None) -> None:
             out = convert_gguf(a.gguf or find_smollm2_gguf(), a.out)
             print(f"wrote {out} in {time.time() - t0:.1f}s")
             return
-        model, tok = load_model(a.model, dtype=a.dtype)
+        model, tok = load_model(a.model, dtype=a.dtype, max_seq_len=a.context or None)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]

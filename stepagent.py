@@ -72,6 +72,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # weights: fp32 | bf16 | fp16 (GPU training uses fp32 weights + bf16 autocast)
+    context: int = 0  # load models with this context in tokens, not their own (0); Mistral-7B-v0.1: 4096, its window
     n_train: int = 1000  # expert trajectories from the train split (the paper's expert data)
     n_dev: int = 20  # dev tasks evaluated after each SFT epoch / iteration
     n_test: int = 100  # test tasks in each final evaluation (the results tables use 200+)
@@ -462,7 +463,8 @@ def _make_tiny_base(cfg: Config, records: list[dict], path: str) -> None:
 
 
 def load(path: str, cfg: Config):
-    model, tok = M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype)
+    model, tok = M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype,
+                              max_seq_len=cfg.context or None)
     model.grad_ckpt = cfg.grad_ckpt
     return model, tok
 
@@ -733,7 +735,8 @@ def train_sft(cfg: Config) -> str:
 
 # the options that shape the novice (its data, base model and SFT); the tiny preset's own ones only there
 NOVICE = ("env", "preset", "seed", "dtype", "n_train", "sft_epochs", "sft_lr", "batch_size", "grad_accum",
-          "warmup", "weight_decay", "grad_clip", "rename_ids", "amp", "fsdp")  # fsdp: its optimiser state's layout
+          "warmup", "weight_decay", "grad_clip", "rename_ids", "amp", "fsdp",  # fsdp: its optimiser state's layout
+          "context")
 NOVICE_TINY = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "pretrain_epochs", "whole_ids")
 
 

@@ -252,3 +252,33 @@ def test_convert_errors(tmp_path):
         M.convert_gguf(str(tmp_path / "nowhere.gguf"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="no-such-pre"):
         M._gguf_pre_tokenizer("no-such-pre")
+
+
+def test_llama3_pre_types_ignore_merges():
+    """llama.cpp's Llama 3 pre-types (llama3, llama-v3, llama-bpe) take a word found whole in the vocab as
+    one token whatever the merges (ignore_merges, as Llama 3's own tokenizer.json); other pre-types
+    follow the merges. Here "abc" is in the vocab but no merge builds it from "ab" + "c"."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": alphabet + ["ab", "abc"], "tokenizer.ggml.merges": ["a b"]}
+    for pre in ("llama3", "llama-v3", "llama-bpe", "gpt2", "smollm"):
+        tok_json, _ = M._gguf_tokenizer({**meta, "tokenizer.ggml.pre": pre})
+        tokens = Tokenizer.from_str(json.dumps(tok_json)).encode("abc").tokens
+        assert tokens == (["abc"] if pre in ("llama3", "llama-v3", "llama-bpe") else ["ab", "c"]), pre
+
+
+def test_rope_freqs_is_refused_as_llama3_scaling(tmp_path):
+    """A Llama 3.1+ GGUF carries llama3 rope scaling as a rope_freqs.weight tensor: the refusal says so."""
+    import gguf
+    import numpy as np
+
+    path = str(tmp_path / "rope_freqs.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_head_count(2)
+    w.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"'rope_freqs.weight' is llama3 rope scaling's frequency table"):
+        M.convert_gguf(path, str(tmp_path / "out"))

@@ -29,6 +29,7 @@ def _hf_configs():
                                               rope_scaling={"rope_type": "linear", "factor": 2.0}),
         "mistral-headdim": MistralConfig(**small, num_key_value_heads=2, sliding_window=None, head_dim=24),
         "qwen2-bias": Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=False),
+        "llama-swish": LlamaConfig(**small, num_key_value_heads=2, hidden_act="swish"),  # transformers' other silu
     }
 
 
@@ -85,6 +86,76 @@ def test_sharded_save_roundtrip_and_dtypes(tmp_path):
             m3, _ = M.load_model(str(tmp_path / "b"), dtype=dt)
             assert m3.dtype == M.DTYPES[dt]
             assert (m3(x).float() - m(x)).abs().max() < 0.05
+
+
+def _saved_hf(name, path, edit=None):
+    """A perturbed transformers model of _hf_configs()[name] saved in path (config.json edited by `edit`):
+    (the folder, transformers' own load of it)."""
+    from transformers import AutoModelForCausalLM
+
+    _hf_model(_hf_configs()[name]).save_pretrained(path)
+    _save_word_tokenizer(path)
+    if edit:
+        cfg = json.load(open(path / "config.json"))
+        edit(cfg)
+        json.dump(cfg, open(path / "config.json", "w"))
+    return str(path), AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def test_llama3_rope_without_original_context_uses_the_configs(tmp_path):
+    """llama3 rope scaling without original_max_position_embeddings: transformers takes the config's
+    max_position_embeddings in its place, and so do we (the same inverse frequencies and logits)."""
+    def drop(cfg):
+        for k in ("rope_parameters", "rope_scaling"):
+            (cfg.get(k) or {}).pop("original_max_position_embeddings", None)
+    d, hf = _saved_hf("llama-mqa-untied-llama3rope", tmp_path, drop)
+    ours, _ = M.load_model(d)
+    assert torch.allclose(ours.inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    x = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_mistral_without_sliding_window_has_transformers_default(tmp_path):
+    """A Mistral config.json without sliding_window has transformers' default window (4096): a longer
+    context is refused, the command-line option named, and loads within it match transformers."""
+    def drop(cfg):
+        cfg.pop("sliding_window", None)
+        cfg["max_position_embeddings"] = 32768
+    d, hf = _saved_hf("mistral-headdim", tmp_path, drop)
+    window = hf.config.sliding_window
+    assert window is not None and window < 32768
+    with pytest.raises(ValueError, match=f"'sliding_window' is {window} < context 32768.*--context {window}"):
+        M.load_model(d)
+    ours, _ = M.load_model(d, max_seq_len=window)
+    x = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_saved_dtype_is_what_transformers_auto_loads(tmp_path):
+    """A bf16 checkpoint (config.json: dtype bfloat16) loaded in fp32 and saved: config.json names the saved
+    dtype wherever transformers looks, so from_pretrained(dtype="auto") gets fp32; saved in bf16, bf16."""
+    from transformers import AutoModelForCausalLM
+
+    _hf_model(_hf_configs()["llama-gqa-tied"]).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    _save_word_tokenizer(tmp_path / "bf16")
+    m, tok = M.load_model(str(tmp_path / "bf16"))
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        M.save_model(m.to(dtype), tok, str(tmp_path / name))
+        assert AutoModelForCausalLM.from_pretrained(str(tmp_path / name), dtype="auto").dtype == dtype
+
+
+def test_scripts_context_option_loads_a_model_with_a_shorter_window(tmp_path):
+    """stepagent's --context is the max_seq_len its loads pass: a Mistral whose sliding window (64) is
+    shorter than its context (256) is refused with that advice, and loads when it is followed."""
+    import stepagent as S
+
+    d, _ = _saved_hf("mistral-headdim", tmp_path, lambda cfg: cfg.update(sliding_window=64))
+    with pytest.raises(ValueError, match="--context 64"):
+        S.load(d, S.Config())
+    model, _ = S.load(d, S.parse_config(S.Config, ["--context", "64"]))
+    assert model.args.max_seq_len == 64
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +386,7 @@ def test_chat_mask_marks_assistant_turns_only(tiny):
 
 @pytest.mark.parametrize("fmt,template,special", [
     ("llama3", "{{ '<|start_header_id|>' }}", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    ("llama2", "{{ '[INST]' }}", ["<s>", "</s>"]),
+    ("llama2", "{{ '[INST] <<SYS>>' }}", ["<s>", "</s>"]),
     ("plain", "", ["<s>", "</s>"]),
 ])
 def test_other_chat_formats_render_and_mask(fmt, template, special, tmp_path):
@@ -345,6 +416,182 @@ def test_other_chat_formats_render_and_mask(fmt, template, special, tmp_path):
     assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False).strip() == \
         "general kenobi" + {"llama3": "<|eot_id|>", "llama2": " </s>", "plain": "</s>"}[fmt]
     assert eos in [tok.decode([i], skip_special=False) for i in tok.stop_ids]
+
+
+# Chat templates written here in the style of the model families' own (a Qwen2.5 tools branch, Llama 3.0 and
+# 3.1, Llama 2, Mistral v0.2 and v0.3): our rendering is checked against transformers' apply_chat_template.
+QWEN25_STYLE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+    "{{- messages[0]['content'] }}{%- else %}"
+    "{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}"
+    "{%- endif %}{{- '\\n\\n# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- endif %}{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+_LLAMA3_TURNS = ("{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+                 " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
+                 "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+LLAMA30_STYLE = "{{- bos_token }}" + _LLAMA3_TURNS
+LLAMA31_STYLE = (
+    "{{- bos_token }}{%- if date_string is not defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}{{- system_message + '<|eot_id|>' }}" + _LLAMA3_TURNS)
+LLAMA2_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system_message = false %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}{%- for message in loop_messages %}{%- if loop.index0 == 0 and system_message != false %}"
+    "{%- set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{%- else %}"
+    "{%- set content = message['content'] %}{%- endif %}{%- if message['role'] == 'user' %}"
+    "{{- bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{%- elif message['role'] == 'assistant' %}"
+    "{{- ' ' + content.strip() + ' ' + eos_token }}{%- endif %}{%- endfor %}")
+
+
+def _mistral_style(v3: bool) -> str:
+    """v0.2: ' [INST] ', the system text in the first user turn; v0.3: '[INST] ', in the chat's last
+    message (when a user turn), replies trimmed."""
+    o, c = ("[INST] ", "[/INST]") if v3 else (" [INST] ", " [/INST]")
+    return ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+            "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+            "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+            f"{{%- if loop.{'last' if v3 else 'first'} and system_message is defined %}}"
+            f"{{{{- '{o}' + system_message + '\\n\\n' + message['content'] + '{c}' }}}}"
+            f"{{%- else %}}{{{{- '{o}' + message['content'] + '{c}' }}}}{{%- endif %}}"
+            "{%- elif message['role'] == 'assistant' %}"
+            f"{{{{- ' ' + message['content']{' | trim' if v3 else ''} + eos_token }}}}{{%- endif %}}{{%- endfor %}}")
+
+
+_CHAT_TEXT = ["User: find red shoes\nAssistant: Thought: search.\nAction: search[red shoes]\n be brief  hi there",
+              "Observation: ok [SEP] B0A1 $12.00 Action: click[B0A1] You are an agent. general kenobi",
+              "<<SYS>> <</SYS>> [INST] [/INST] Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024"]
+
+
+def _chat_tokenizer(path, template: str, special: list[str], metaspace: bool = False, **config) -> str:
+    """A small BPE (byte-level as SmolLM2's, or Metaspace as Llama 2's and Mistral's) with these special
+    tokens (bos, ..., eos) and chat template, in a folder both our Tokenizer and transformers read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>" if metaspace else None))
+    if metaspace:
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = sorted(set("".join(_CHAT_TEXT)))
+    else:
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tk.train_from_iterator(_CHAT_TEXT * 10, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=(["<unk>"] if metaspace else []) + special, initial_alphabet=alphabet))
+    os.makedirs(path, exist_ok=True)
+    tk.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special[0], "eos_token": special[-1],
+           "chat_template": template, **config}
+    json.dump(cfg, open(os.path.join(path, "tokenizer_config.json"), "w"))
+    return str(path)
+
+
+def _hf_chat(hf_tok, msgs, gen: bool, **kw):
+    """transformers' rendering of a chat: (text, ids)."""
+    text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kw)
+    ids = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, **kw)
+    return text, list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+_SYS = [{"role": "system", "content": " You are an agent. "}]
+_TURNS = [{"role": "user", "content": "  find red shoes"},
+          {"role": "assistant", "content": "Thought: search.\nAction: search[red shoes] "},
+          {"role": "user", "content": "Observation: ok [SEP] B0A1 $12.00"},
+          {"role": "assistant", "content": " Action: click[B0A1]"}]
+_CHATS = [_TURNS, _TURNS[:3], _SYS + _TURNS, _SYS + _TURNS[:1], _SYS + _TURNS[:3]]
+
+
+def _assert_renders_as_transformers(tok, hf_tok, chats=_CHATS, **kw):
+    for msgs in chats:
+        for gen in (False, True):
+            text, ids = _hf_chat(hf_tok, msgs, gen, **kw)
+            assert tok.render_chat(msgs, gen)[0] == text, (msgs, gen)
+            assert tok.encode_chat(msgs, gen)[0] == ids, (msgs, gen)
+
+
+def test_default_system_is_the_texts_not_the_templates_code(tmp_path):
+    """A Qwen2.5-style template opens a system turn in its tools branch too, around Jinja code: the default
+    system prompt is the literal turn's text, and chats without a system message render as transformers'."""
+    d = _chat_tokenizer(tmp_path, QWEN25_STYLE, ["<|im_start|>", "<|im_end|>"])
+    tok = M.Tokenizer(d)
+    assert tok.format == "chatml"
+    assert tok.default_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d))
+
+
+def test_chat_template_jinja_is_read_and_kept(tmp_path):
+    """transformers >= 5 saves the template as chat_template.jinja, not in tokenizer_config.json: it is read
+    (with its default system prompt) and Tokenizer.save keeps it, for us and for transformers."""
+    hf_tok = transformers.AutoTokenizer.from_pretrained(_chat_tokenizer(tmp_path / "a", QWEN25_STYLE,
+                                                                        ["<|im_start|>", "<|im_end|>"]))
+    hf_tok.save_pretrained(tmp_path / "b")
+    assert os.path.exists(tmp_path / "b" / "chat_template.jinja")
+    assert "chat_template" not in json.load(open(tmp_path / "b" / "tokenizer_config.json"))
+    tok = M.Tokenizer(str(tmp_path / "b"))
+    _assert_renders_as_transformers(tok, hf_tok)
+    os.makedirs(tmp_path / "c")
+    tok.save(str(tmp_path / "c"))
+    _assert_renders_as_transformers(M.Tokenizer(str(tmp_path / "c")), hf_tok)
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "c")).chat_template == hf_tok.chat_template
+
+
+def test_llama31_system_block_and_llama30_unchanged(tmp_path):
+    """A Llama 3.1/3.2 template ("Cutting Knowledge Date") opens every chat with a system turn holding the
+    cutoff and the date (transformers' default date_string, 26 Jul 2024), with or without a system
+    message; a Llama 3.0 template has none. Both as transformers renders them."""
+    special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    for name, template in (("31", LLAMA31_STYLE), ("30", LLAMA30_STYLE)):
+        d = _chat_tokenizer(tmp_path / name, template, special)
+        tok = M.Tokenizer(d)
+        assert tok.format == "llama3"
+        _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d), date_string="26 Jul 2024")
+        assert ("Cutting Knowledge Date" in tok.render_chat(_TURNS[:1])[0]) == (name == "31")
+
+
+def test_llama2_template_renders_as_transformers(tmp_path):
+    """Llama 2's template (<<SYS>>) is the llama2 format, whitespace kept and stripped as the template does
+    (the first user turn's leading spaces stay after the system block)."""
+    d = _chat_tokenizer(tmp_path, LLAMA2_STYLE, ["<s>", "</s>"], metaspace=True)
+    tok = M.Tokenizer(d)
+    assert tok.format == "llama2"
+    _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d))
+
+
+def test_mistral_templates_render_as_transformers(tmp_path):
+    """Mistral's [INST] templates (no <<SYS>>; v0.2 and v0.3 spacing and system placement) are the mistral
+    format, not Llama 2's; the reply's tokens (space, content, eos) are exactly what follows the
+    generation prompt's tokens, and exactly the assistant mask there."""
+    for v3 in (False, True):
+        d = _chat_tokenizer(tmp_path / f"v{int(v3)}", _mistral_style(v3), ["<s>", "</s>"], metaspace=True)
+        tok = M.Tokenizer(d)
+        assert tok.format == "mistral"
+        _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d))
+        # v0.3 moves the system text to the last message: with one, a prompt is no prefix of its reply's chat
+        for prior in ([_TURNS[:1], _TURNS[:3]] + ([] if v3 else [_SYS + _TURNS[:1], _SYS + _TURNS[:3]])):
+            prompt, prompt_mask = tok.encode_chat(prior, add_generation_prompt=True)
+            full, mask = tok.encode_chat(prior + [_TURNS[1]])
+            assert full[:len(prompt)] == prompt and mask == prompt_mask + [1] * (len(full) - len(prompt))
+
+
+def test_plain_generation_prompt_is_a_token_prefix_of_the_chat(tmp_path):
+    """The plain format's generation prompt "Assistant:" leaves the space to the reply, which a tokenizer
+    merges into its first word: the prompt's ids are a prefix of the chat with the reply, and the reply's
+    tokens (space, content, eos) are exactly the assistant mask."""
+    tok = M.Tokenizer(_chat_tokenizer(tmp_path, "", ["<s>", "</s>"], chat_format="plain"))
+    assert tok.format == "plain"
+    for prior in (_TURNS[:1], _SYS + _TURNS[:3]):
+        prompt, prompt_mask = tok.encode_chat(prior, add_generation_prompt=True)
+        full, mask = tok.encode_chat(prior + [_TURNS[1]])
+        assert full[:len(prompt)] == prompt
+        assert mask == prompt_mask + [1] * (len(full) - len(prompt) - 1) + [0]  # the reply, then its newline
+        assert tok.decode(full[len(prompt):], skip_special=False) == " " + _TURNS[1]["content"] + "</s>\n"
 
 
 # ----------------------------------------------------------------------------- bad inputs
