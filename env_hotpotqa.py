@@ -517,7 +517,19 @@ class HotpotQAEnv:
                 return rec["corpus"]
         raise ValueError(f"{d['data_file']}: no question with _id {d['qid']!r}")
 
+    @staticmethod
+    def _check_task(task: Task) -> dict:
+        """The task's data; a one-line ValueError naming the task when it cannot be a hotpotqa task."""
+        d = task.data if isinstance(task.data, dict) else {}
+        need = ("question", "answer", "hops") + (("data_file", "qid") if d.get("source") == "hotpotqa" else ())
+        missing = [k for k in need if k not in d]
+        if missing:
+            raise ValueError(f"task {task.id} (env {task.env!r}) is not a hotpotqa task: its data has no "
+                             f"{', '.join(map(repr, missing))}")
+        return d
+
     def reset(self, task: Task) -> str:
+        self._check_task(task)
         self.task, self.corpus = task, self._corpus(task)
         self.page = self.kw = None  # the open page's title; the lookup keyword (lowercase)
         self.hits, self.cnt = [], 0  # ids of the page's sentences containing the keyword; how many shown
@@ -530,7 +542,7 @@ class HotpotQAEnv:
         if self.done:
             return "The episode is over.", self.reward, True
         self.steps += 1
-        obs = self._act(parse_action(turn))
+        obs = self._act(parse_action(str(turn)))  # str(): as the other families, a non-str turn is text
         if not self.done and self.steps >= self.max_steps:
             self.done, self.reward = True, 0.0
             obs += f"\nStep limit ({self.max_steps}) reached without finish[answer]; the episode is over."
@@ -572,7 +584,7 @@ class HotpotQAEnv:
     def expert(self, task: Task) -> list[str]:
         """Walk the supporting facts: search each page, look up facts beyond its first sentences, finish.
         Lookups are dropped from the last hop backwards if the walk would not fit the step limit."""
-        allowed = {i for i, h in enumerate(task.data["hops"]) if h["sent"] >= SHOWN}
+        allowed = {i for i, h in enumerate(self._check_task(task)["hops"]) if h["sent"] >= SHOWN}
         while True:
             turns = self._walk(task, allowed)
             if len(turns) <= self.max_steps:

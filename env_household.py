@@ -16,6 +16,11 @@ no floor objects, no objects inside objects; the welcome banner is dropped (as R
 with no recognisable command gets a message listing the commands (ALFWorld says "Nothing
 happens."), while a well-formed but impossible command gets ALFWorld's "Nothing happens.".
 `test_unseen` holds out both layouts and object kinds, like ALFWorld's valid_unseen holds out scenes.
+train/dev/test are disjoint by task (its seed), not by scene: they share the 16 seen layouts per room
+and the goal phrasings, so 221 of the 600 test tasks (dev: 227) open with the same first observation
+(room view and task) as some train task, and 286 (dev: 272) have the same expert action sequence as
+some train task (1 test and 2 dev episodes equal a train episode, observations included, their rooms
+differing only where the expert never looks); no test_unseen task shares either with train.
 The expert is a scripted planner that knows the room but searches like a person: it visits the
 likely receptacles of the object in a fixed order of likelihood (opening closed ones) until it sees
 one, then takes it, transforms it, and puts it at the first receptacle of the target kind. The
@@ -262,6 +267,18 @@ def _search_order(recs: dict, found: tuple, skip: str | None) -> list[str]:
     return sorted((r for r, rec in recs.items() if rec.type in rank), key=lambda r: (rank[recs[r].type], _number(r)))
 
 
+def _check_task(task: Task) -> dict:
+    """The task's data; a one-line ValueError naming the task when it cannot be a household task."""
+    d = task.data if isinstance(task.data, dict) else {}
+    missing = [k for k in ("room", "layout", "kind", "obj", "target", "seed") if k not in d]
+    if missing:
+        raise ValueError(f"task {task.id} (env {task.env!r}) is not a household task: its data has no "
+                         f"{', '.join(map(repr, missing))}")
+    if d["obj"] not in ROWS.get(d["room"], ()):
+        raise ValueError(f"task {task.id}: unknown room {d['room']!r} or object {d['obj']!r}")
+    return d
+
+
 def _build_room(data: dict) -> tuple[dict, dict]:
     """Receptacles and objects of a task, regenerated from its data (layout + seed) deterministically."""
     rng = random.Random(data["seed"])
@@ -321,7 +338,7 @@ class HouseholdEnv:
     # ------------------------------------------------------------------ playing
 
     def reset(self, task: Task) -> str:
-        self.task, d = task, task.data
+        self.task, d = task, _check_task(task)
         self.recs, self.objs = _build_room(d)
         self.kind, self.goal, self.target = d["kind"], d["obj"], d["target"]
         self.loc: str | None = None
@@ -330,8 +347,8 @@ class HouseholdEnv:
         return f"{self._room_view()}\n\nYour task is to: {task.instruction}"
 
     def step(self, turn: str) -> tuple[str, float, bool]:
-        if self.task is None:
-            return "No task is running: call reset(task) first.", 0.0, True
+        if self.task is None:  # a caller's mistake, not the model's: raised, as in the other families
+            raise RuntimeError("call reset(task) before step()")
         if self.done:
             return "The episode is over: call reset(task) to start a new one.", self.reward, True
         self.steps += 1

@@ -93,22 +93,28 @@ def invalid(env, obs: str) -> bool:
 
 def make(name: str, split: str, n: int | None = None, seed: int = 0, **kwargs) -> list[Task]:
     """Tasks of one split. Which tasks belong to which split never depends on `seed`; the seed only
-    picks and orders the `n` tasks drawn from the split, so no task is in two splits for any seeds."""
+    picks and orders the `n` tasks drawn from the split, so no task is in two splits for any seeds.
+    An `n` larger than the split gives the whole split."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise ValueError(f"n={n!r}: expected a whole number >= 0, or None for the whole split")
     return env_class(name).make_tasks(split, n=n, seed=seed, **kwargs)
 
 
 # ----------------------------------------------------------------------------- parsing the turn
 
-_ACTION_RE = re.compile(r"action\s*:\s*(.*)", re.IGNORECASE)
+# 'action:' in any case at a word start ("transaction:" is none), or 'Action:' glued to what precedes it,
+# as small models write it ("I'll take it.2Action: take spoon 2")
+_ACTION_RE = re.compile(r"(?:(?i:\baction)|Action)\s*:")
 
 
 def parse_action(turn: str) -> str | None:
-    """The action in a ReAct turn: the text after the last 'Action:' (first line of it); a bare turn
-    with no 'Thought:'/'Action:' is taken as the action itself. None when nothing is left."""
-    found = _ACTION_RE.findall(turn)
-    text = found[-1] if found else ("" if re.search(r"thought\s*:", turn, re.I) else turn)
+    """The action in a ReAct turn: the text after the last 'Action:' (first line of it; also when two
+    are on one line); a bare turn with no 'Thought:'/'Action:' is taken as the action itself. None
+    when nothing is left."""
+    found = list(_ACTION_RE.finditer(turn))
+    text = turn[found[-1].end():] if found else ("" if re.search(r"thought\s*:", turn, re.I) else turn)
     text = text.strip().split("\n")[0].strip()
     return text or None
 
@@ -195,6 +201,9 @@ def load_trajectories(path: str) -> list[dict]:
     for i, rec in enumerate(data):
         if not isinstance(rec, dict) or "conversations" not in rec:
             raise ValueError(f"{path}: record {i} has no 'conversations' field")
+        if not isinstance(rec["conversations"], list):
+            raise ValueError(f"{path}: record {i} field 'conversations' should be a list of turns, "
+                             f"got {type(rec['conversations']).__name__}")
         for j, turn in enumerate(rec["conversations"]):
             if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or "value" not in turn:
                 raise ValueError(f"{path}: record {i} turn {j}: expected {{'from': 'human'|'gpt', 'value': ...}}")

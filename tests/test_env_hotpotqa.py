@@ -114,6 +114,20 @@ def test_bad_actions_are_informative_and_cost_a_step():
     assert done and reward == 0.0 and "Step limit (8)" in obs
 
 
+def test_step_before_reset_non_text_turns_and_foreign_tasks():
+    env = envs.load_env("hotpotqa")
+    with pytest.raises(RuntimeError, match=r"reset\(task\) before step"):
+        env.step("Action: search[x]")
+    env.reset(HotpotQAEnv.make_tasks("dev", n=1)[0])
+    obs, reward, done = env.step(None)  # as household: the turn is taken as text
+    assert obs.startswith("Invalid action: None.") and (reward, done, env.steps) == (0.0, False, 1)
+    for task in (envs.make("webshop", "dev", n=1)[0], envs.make("household", "dev", n=1)[0]):
+        for call in (env.reset, env.expert):
+            with pytest.raises(ValueError, match=f"task {task.id} .* is not a hotpotqa task: its data has no "
+                                                 "'question', 'answer', 'hops'"):
+                call(task)
+
+
 def test_search_miss_lists_similar_titles_and_keeps_page():
     env = HotpotQAEnv()
     task = HotpotQAEnv.make_tasks("train", n=1, seed=11)[0]

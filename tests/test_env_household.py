@@ -218,6 +218,19 @@ def test_bad_and_impossible_actions_are_informative_and_cost_a_step():
     assert env.step("go to kitchen")[0] == H.NOTHING
 
 
+def test_step_before_reset_and_foreign_tasks_raise_one_line_errors():
+    with pytest.raises(RuntimeError, match=r"reset\(task\) before step"):  # as the other families
+        H.HouseholdEnv().step("Action: look")
+    env = load_env("household")
+    for task in (make("webshop", "dev", n=1)[0], make("hotpotqa", "dev", n=1)[0],
+                 Task("household-x", "household", "dev", "x", {"room": "kitchen"})):
+        for call in (env.reset, env.expert):
+            with pytest.raises(ValueError, match=f"task {task.id} .* is not a household task: its data has no "
+                                                 "('room', )?'layout', 'kind', 'obj', 'target', 'seed'$") as err:
+                call(task)
+            assert "\n" not in str(err.value)
+
+
 def test_step_limit_ends_the_episode():
     env = load_env("household")
     task = ALL["test"][3]

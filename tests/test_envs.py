@@ -12,6 +12,11 @@ import envs
     ("Thought: I need shoes.\nAction: search[red shoes]", "search[red shoes]"),
     ("thought: x\naction:   click[B0A1]  \nmore text", "click[B0A1]"),
     ("Action: look\nAction: inventory", "inventory"),  # the last action counts
+    ("Thought: x\nAction: search[a] Action: click[b]", "click[b]"),  # also on one line
+    ("Thought: the transaction: click[Buy Now] comes next", None),  # a word ending in 'action' is not 'Action'
+    ("Thought: done.\nAction: click[Buy Now]\nsatisfaction: high", "click[Buy Now]"),
+    ("Thought: x\nAction:\nsearch[a]", "search[a]"),  # the action on the next line, as before
+    ("Thought: I'll take it.\nAction: take spoon 2 fromAction: take spoon 2", "take spoon 2"),  # glued, as models do
     ("go to fridge 1", "go to fridge 1"),  # a bare action
     ("Thought: only thinking", None),
     ("", None),
@@ -51,6 +56,8 @@ def test_trajectory_roundtrip_and_foreign_file(tmp_path):
     ('{"a": 1}', "expected a JSON list"),
     ('[{"id": 1}]', "record 0 has no 'conversations'"),
     ('[{"conversations": [{"from": "bot", "value": "x"}]}]', "record 0 turn 0"),
+    ('[{"conversations": 5}]', "record 0 field 'conversations' should be a list of turns, got int"),
+    ('[{"conversations": "ab"}]', "record 0 field 'conversations' should be a list of turns, got str"),
 ])
 def test_bad_trajectory_files_name_the_problem(tmp_path, content, msg):
     p = tmp_path / "bad.json"
@@ -66,6 +73,16 @@ def test_make_rejects_unknown_names():
         envs.make("shop", "train")
     with pytest.raises(ValueError, match="unknown split 'val'"):
         envs.make("webshop", "val")
+
+
+@pytest.mark.parametrize("name", ["webshop", "household", "hotpotqa"])
+def test_make_checks_n(name):
+    whole = envs.make(name, "dev")
+    for bad in (-1, "3", 2.0, True):  # -1 used to drop one task (hotpotqa) or fail inside random.sample
+        with pytest.raises(ValueError, match=f"n={bad!r}: expected a whole number >= 0"):
+            envs.make(name, "dev", n=bad)
+    assert envs.make(name, "dev", n=0) == []
+    assert len(envs.make(name, "dev", n=len(whole) + 1000)) == len(whole)  # a larger n: the whole split
 
 
 def test_dump_command_writes_solved_experts(tmp_path):
