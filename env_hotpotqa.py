@@ -520,13 +520,8 @@ class HotpotQAEnv:
     @staticmethod
     def _check_task(task: Task) -> dict:
         """The task's data; a one-line ValueError naming the task when it cannot be a hotpotqa task."""
-        d = task.data if isinstance(task.data, dict) else {}
-        need = ("question", "answer", "hops") + (("data_file", "qid") if d.get("source") == "hotpotqa" else ())
-        missing = [k for k in need if k not in d]
-        if missing:
-            raise ValueError(f"task {task.id} (env {task.env!r}) is not a hotpotqa task: its data has no "
-                             f"{', '.join(map(repr, missing))}")
-        return d
+        real = isinstance(task.data, dict) and task.data.get("source") == "hotpotqa"
+        return task.fields("hotpotqa", ("question", "answer", "hops") + (("data_file", "qid") if real else ()))
 
     def reset(self, task: Task) -> str:
         self._check_task(task)

@@ -269,11 +269,7 @@ def _search_order(recs: dict, found: tuple, skip: str | None) -> list[str]:
 
 def _check_task(task: Task) -> dict:
     """The task's data; a one-line ValueError naming the task when it cannot be a household task."""
-    d = task.data if isinstance(task.data, dict) else {}
-    missing = [k for k in ("room", "layout", "kind", "obj", "target", "seed") if k not in d]
-    if missing:
-        raise ValueError(f"task {task.id} (env {task.env!r}) is not a household task: its data has no "
-                         f"{', '.join(map(repr, missing))}")
+    d = task.fields("household", ("room", "layout", "kind", "obj", "target", "seed"))
     if d["obj"] not in ROWS.get(d["room"], ()):
         raise ValueError(f"task {task.id}: unknown room {d['room']!r} or object {d['obj']!r}")
     return d

@@ -441,11 +441,11 @@ class WebShopEnv:
     # -- episode
 
     def _task_goal(self, task: Task) -> dict:
-        goal = task.data.get("goal") if isinstance(task.data, dict) else None
+        goal = task.fields("webshop", ("goal",))["goal"]
         asin = goal.get("asin") if isinstance(goal, dict) else None
         if asin not in self.shop.by_asin:
             raise ValueError(f"task {task.id}: its product {asin!r} is not in this env's catalogue "
-                             "(built-in vs data_dir mismatch, or not a webshop task?)")
+                             "(a task of the built-in shop given to a data_dir env, or the reverse?)")
         return goal
 
     def reset(self, task: Task) -> str:

@@ -55,6 +55,15 @@ class Task:
     def from_json(d: dict) -> "Task":
         return Task(**d)
 
+    def fields(self, family: str, keys: tuple[str, ...]) -> dict:
+        """The task's data; a one-line ValueError naming the task when it lacks any of `keys`."""
+        d = self.data if isinstance(self.data, dict) else {}
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"task {self.id} (env {self.env!r}) is not a {family} task: its data has no "
+                             f"{', '.join(map(repr, missing))}")
+        return d
+
 
 # name -> (module, class). Families are imported only when asked for, so the real environments'
 # packages (and their Java runtime) are needed only by those who use them.

@@ -139,7 +139,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
         inv = inv / s["factor"]
     elif s and s["rope_type"] == "llama3":
         factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-        old_ctx = s.get("original_max_position_embeddings", args.max_seq_len)
+        old_ctx = s.get("original_max_position_embeddings", args.max_seq_len)  # from_hf always sets it
         wavelen = 2 * math.pi / inv
         # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
         smooth = (old_ctx / wavelen - lo) / (hi - lo)
@@ -618,7 +618,7 @@ class Tokenizer:
         # system text (v0.2: the first; v0.3: the chat's last message, if a user turn): read from the template
         self.mistral = (" [INST] " if re.search(r"""['"] \[INST\] """, t) else "[INST] ",
                         " [/INST]" if " [/INST]" in t else "[/INST]", "loop.last and system_message" in t,
-                        bool(re.search(r"""content['"]\]\s*\|\s*trim""", t)))
+                        bool(re.search(r"""content['"]\]\s*\|\s*trim""", t))) if self.format == "mistral" else None
 
     def _detect_format(self, vocab) -> str:
         t = self.template

@@ -147,9 +147,12 @@ def test_step_before_reset_non_text_turns_and_foreign_tasks():
     obs, reward, done = env.step(None)  # as household: the turn is taken as text
     assert obs.startswith("Invalid action") and (reward, done, env.steps) == (0.0, False, 1)
     other = envs.make("household", "dev", n=1)[0]
+    lost = envs.Task(task.id, "webshop", "dev", task.instruction, {"goal": dict(task.data["goal"], asin="B0NONE")})
     for call in (env.reset, env.expert):
-        with pytest.raises(ValueError, match=f"task {other.id}: its product None is not in this env's catalogue"):
+        with pytest.raises(ValueError, match=f"task {other.id} .* is not a webshop task: its data has no 'goal'"):
             call(other)
+        with pytest.raises(ValueError, match=f"task {task.id}: its product 'B0NONE' is not in this env's catalogue"):
+            call(lost)
 
 
 def test_unknown_split_raises():
