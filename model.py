@@ -493,6 +493,13 @@ class Transformer(nn.Module):
         # the log-probs and gradients are the same
         self.grad_ckpt = False
 
+    def _apply(self, fn, recurse=True):
+        # every .to() / .half() / to_empty() comes here: RoPE's frequencies are recomputed in fp32 on the
+        # new device, as a cast to bf16 would round them (positions drift) and to_empty leaves them unset
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.args, self.inv_freq.device)
+        return self
+
     @property
     def device(self):
         return self.model.embed_tokens.weight.device

@@ -116,6 +116,22 @@ def test_llama3_rope_without_original_context_uses_the_configs(tmp_path):
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
 
 
+def test_casts_and_to_empty_keep_rope_frequencies_in_fp32():
+    """A cast to bf16 would round the inverse frequencies (angles at position 1000 off by up to 0.4 rad), and
+    to_empty would leave them unset: both recompute them in fp32, so bf16 differs from fp32 only in the
+    cos/sin values' own rounding."""
+    args = M.ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                       intermediate_size=64, rope_theta=500000.0, max_seq_len=8192,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 1024})
+    exact = M.rope_inv_freq(args)
+    for m in (M.Transformer.from_args(args, dtype=torch.bfloat16), M.Transformer.from_args(args).half()):
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
+    with torch.device("meta"):
+        empty = M.Transformer(args)
+    empty.to_empty(device="cpu")
+    assert torch.equal(empty.inv_freq, exact)
+
+
 def test_mistral_without_sliding_window_has_transformers_default(tmp_path):
     """A Mistral config.json without sliding_window has transformers' default window (4096): a longer
     context is refused, the command-line option named, and loads within it match transformers."""
