@@ -626,7 +626,7 @@ def bench_train(a) -> None:
     del sft  # its AdamW state
 
     # step-DPO: per row one trajectory of a.seq tokens with 10 expert actions of 16 tokens and K
-    # rejected 16-token practices per state, packed (DESIGN section 4)
+    # rejected 16-token practices per state, packed (stepagent.pack_row)
     L, n_act = a.seq, 16
     traj = torch.randint(3, args.vocab_size, (L,), generator=g).tolist()
     spans = [(s, s + n_act) for s in range(L // 10 - n_act, L, L // 10)][:10]

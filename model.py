@@ -18,7 +18,7 @@ rotate-half form, so no q/k permutation is needed. What is here:
 
 Departures from Hugging Face: the attention mask is an explicit boolean (B, T, S) "may attend"
 tensor (or a BlockMask, the same pattern attended block by block) and positions are explicit, so
-packed and tree-shaped rows (DESIGN §4) are ordinary calls;
+packed and tree-shaped rows (stepagent.py's docstring, Speed) are ordinary calls;
 sliding-window attention is not implemented (a config that would need it is refused).
 """
 from __future__ import annotations
@@ -291,7 +291,7 @@ class ChatCache:
 class PrefixKVCache(KVCache):
     """One shared prefix's keys/values (1, Hkv, L, D), seen by each of R rows up to its own
     boundary (prefix_mask (R, L) bool), plus every row's own keys/values (R, Hkv, S, D) in slots.
-    This is how R continuations of the states of one trajectory decode together (DESIGN §4)."""
+    This is how R continuations of the states of one trajectory decode together (stepagent.sample_practice)."""
 
     def __init__(self, prefix_k, prefix_v, prefix_mask, slots: int):
         R, (_, hkv, _, d) = prefix_mask.shape[0], prefix_k.shape
@@ -319,7 +319,7 @@ def prefix_attention(q, k, v, mask, prefix):
 
 class BlockMask:
     """A (B, N, N) "may attend" mask whose rows split into query blocks, each of which attends only
-    to key columns [0, klim) and [lo, hi), its own block (DESIGN §4's packed rows: the trajectory
+    to key columns [0, klim) and [lo, hi), its own block (stepagent.pack_row's packed rows: the trajectory
     is one causal block; its candidates, a few hundred tokens at a time, are blocks that see the
     trajectory before their state and themselves). Attention then costs sum (hi - lo) * (klim +
     hi - lo) instead of N^2: on a ScienceWorld row of 4.7k trajectory and 8k candidate tokens, a

@@ -16,7 +16,7 @@ Departures: the paper does not fix how a practice is compared with the expert; w
 (envs.normalize_action). A state longer than the model's context is skipped in inspection (counted
 in the log); in rollouts the oldest observation/action pairs are dropped instead.
 
-Speed (DESIGN §4): the K practices of every state of one trajectory are sampled together from a
+Speed: the K practices of every state of one trajectory are sampled together from a
 single prefill of the whole expert trajectory (`sample_practice`), and scoring packs the expert
 trajectory and all candidates into one row (`pack_row`); the naive versions are kept as references.
 Rows of similar length are forwarded as one padded batch; a row far shorter than the batch's
@@ -902,7 +902,7 @@ def match_rates(steps: list[dict]) -> dict:
 
 
 def pack_row(traj: list[int], spans: list[tuple[int, int]], cands: list[tuple[int, list[int]]]):
-    """One packed row (DESIGN §4): the teacher-forced trajectory, then every candidate action.
+    """One packed row (see Speed in the module docstring): the teacher-forced trajectory, then every candidate action.
 
     cands: (step t, token ids) pairs. A candidate for step t attends to trajectory columns before
     spans[t][0] (the state s_t) and causally to itself, with positions continuing from there; its

@@ -10,7 +10,7 @@ preferred over each practised action b that did not match it:
 is r(s, a) = beta * log(pi(a|s) / pi_ref(a|s)); we log it for chosen and rejected actions. pi_ref is
 the policy at the start of each iteration: its log-probs are computed once, when the iteration's
 data is collected, so no second model is kept. Every trajectory's pairs are scored in one packed
-forward (stepagent.score_packed, DESIGN §4).
+forward (stepagent.score_packed).
 
 ETO (Song et al. 2024), the sparse counterpart: the agent plays each train task once with sampling;
 every failed trajectory is the rejected side and the task's expert trajectory the chosen side of

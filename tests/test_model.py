@@ -339,7 +339,7 @@ def test_token_logprobs_matches_log_softmax_and_src(tiny):
 
 def test_explicit_mask_and_positions_equal_separate_rows(tiny):
     """Two sequences packed in one row with a block-diagonal mask and restarting positions give
-    the same logits as two separate forwards (the basis of DESIGN §4)."""
+    the same logits as two separate forwards (the basis of stepagent.pack_row's packed rows)."""
     model, _ = tiny
     a = torch.randint(3, 300, (1, 7))
     b = torch.randint(3, 300, (1, 5))
