@@ -1158,6 +1158,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         print(f"resuming {run}: iteration {state['iteration'] + 1}, {where}")
     pending = not os.path.exists(os.path.join(run, f"collect-{state['iteration'] + 1 + state['done']}.pt"))
     _truncate_log(metrics, state["step"], pending)  # on a fresh start too (a run killed before its first save)
+    logged = {x.get("iteration") for x in map(json.loads, open(metrics)) if x.get("event") == "iteration"} \
+        if os.path.exists(metrics) else set()  # (a kill after iter<N>/ was saved and before its line: logged below)
     log = Log(metrics)
 
     def save():
@@ -1226,8 +1228,8 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
             full = P.replica(model)
             if P.is_main():
                 M.save_model(full, tok, ckpt)
-        if not saved or evaluated:  # a re-run evaluation of a saved iteration is logged as such
-            log(event="iteration" if not saved else "reevaluation", iteration=it + 1, step=state["step"],
+        if it + 1 not in logged or evaluated:  # a re-run evaluation of a logged iteration is logged as such
+            log(event="iteration" if it + 1 not in logged else "reevaluation", iteration=it + 1, step=state["step"],
                 dev_success=dev["success_rate"], dev_reward=dev["avg_reward"],
                 test_success=test["success_rate"], test_reward=test["avg_reward"], **timed)
     print(f"\n{cfg.env}, seed {cfg.seed}, {cfg.n_test} test tasks")

@@ -151,6 +151,13 @@ def test_train_implicit_smoke(tmp_path):
     assert [x["iteration"] for x in lines if x.get("event") == "iteration"] == [1, 2]
     assert [(x["iteration"], x["test_success"]) for x in lines[n_lines:]] == [(1, summary["success_rate"])]
     assert lines[n_lines]["event"] == "reevaluation"
+    # a run killed after saving iter2/ and before logging its iteration line logs it on the rerun, the same line
+    (gone,) = [x for x in lines if x.get("event") == "iteration" and x["iteration"] == 2]
+    with open(os.path.join(out, "implicit", "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines if x is not gone)
+    _run([*MICRO, "--traj_batch", "3", "--out", out])
+    again = _metrics(os.path.join(out, "implicit"))
+    assert again[:-1] == [x for x in lines if x is not gone] and again[-1] == gone
     # another option in the same folder is refused, not silently mixed in
     r = subprocess.run([sys.executable, "train_implicit.py", *MICRO, "--traj_batch", "3", "--beta", "0.5", "--out", out],
                        capture_output=True, text=True, timeout=300)
