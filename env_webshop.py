@@ -277,7 +277,10 @@ def _load_real(data_dir: str) -> tuple[list[dict], dict[str, list[dict]]]:
         products.append(_product_text(p))
     goals = []
     for p in products:
-        for j, ins in enumerate(human.get(p["asin"]) or []):
+        entries = human.get(p["asin"]) or []
+        if not isinstance(entries, list):
+            raise ValueError(f"{human_path}: {p['asin']} should be a list of instructions, got {type(entries).__name__}")
+        for j, ins in enumerate(entries):
             where = f"{p['asin']} instruction {j}"
             goal_attrs = _field(human_path, where, ins, "instruction_attributes", list) or []
             if not goal_attrs:  # WebShop skips goals without attributes

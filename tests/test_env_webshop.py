@@ -382,6 +382,9 @@ def test_real_data_bad_files(tmp_path):
     with pytest.raises(ValueError, match="items_human_ins.json: B0LIP00001 instruction 0 has no field "
                                          "'instruction_attributes'"):
         WebShopEnv(data_dir=str(tmp_path))
+    (tmp_path / "items_human_ins.json").write_text(json.dumps({"B0LIP00001": {"instruction": "x"}}))
+    with pytest.raises(ValueError, match="items_human_ins.json: B0LIP00001 should be a list of instructions, got dict"):
+        WebShopEnv(data_dir=str(tmp_path))
     (tmp_path / "items_human_ins.json").write_text("{not json")
     with pytest.raises(ValueError, match="items_human_ins.json: not valid JSON"):
         WebShopEnv(data_dir=str(tmp_path))
