@@ -621,11 +621,13 @@ class Tokenizer:
         m = re.search(r"Cutting Knowledge Date: ([^'\"{}\\\n]*)", t)
         self.system_prefix = f"Cutting Knowledge Date: {m.group(1)}\nToday Date: 26 Jul 2024\n\n" \
             if (m and self.format == "llama3") else None
-        # Mistral's templates differ in spacing, in trimming replies and in which user turn holds the
-        # system text (v0.2: the first; v0.3: the chat's last message, if a user turn): read from the template
+        # Mistral's templates differ in spacing, in trimming replies, in which user turn holds the system
+        # text (v0.2: the first; v0.3: the chat's last message, if a user turn) and, in v0.1's first
+        # template (and old GGUF files'), in a reply with no space before it and one after its eos
         self.mistral = (" [INST] " if re.search(r"""['"] \[INST\] """, t) else "[INST] ",
                         " [/INST]" if " [/INST]" in t else "[/INST]", "loop.last and system_message" in t,
-                        bool(re.search(r"""content['"]\]\s*\|\s*trim""", t))) if self.format == "mistral" else None
+                        bool(re.search(r"""content['"]\]\s*\|\s*trim""", t)),
+                        bool(re.search(r"""eos_token\s*\+\s*['"] ['"]""", t))) if self.format == "mistral" else None
 
     def _detect_format(self, vocab) -> str:
         t = self.template
@@ -687,11 +689,12 @@ class Tokenizer:
                     body = f"<<SYS>>\n{sys_msg}\n<</SYS>>\n\n{content}" if (sys_msg is not None and i == 1) else content
                     add(f"{self.bos_token}[INST] {body.strip()} [/INST]")
             elif f == "mistral":
-                inst, end, sys_last, trim = self.mistral
+                inst, end, sys_last, trim, v01 = self.mistral
                 if role == "system":
                     continue  # opens a user turn below
-                if is_a:  # the space too: it is what follows the prompt
-                    add(" " + (content.strip() if trim else content) + (self.eos_token or ""), True)
+                if is_a:  # the space too (v0.2+): it is what follows the prompt
+                    add(("" if v01 else " ") + (content.strip() if trim else content) + (self.eos_token or ""), True)
+                    add(" " if v01 else "")
                 else:
                     here = sys_msg is not None and i == (len(msgs) - 1 if sys_last else 1)
                     add(inst + (f"{sys_msg}\n\n" if here else "") + content + end)

@@ -487,6 +487,13 @@ _CHAT_TEXT = ["User: find red shoes\nAssistant: Thought: search.\nAction: search
               "<<SYS>> <</SYS>> [INST] [/INST] Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024"]
 
 
+MISTRAL_V01_FIRST = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                     "{{ raise_exception('roles must alternate') }}{% endif %}{% if message['role'] == 'user' %}"
+                     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                     "{{ message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('user and assistant only') }}"
+                     "{% endif %}{% endfor %}")  # Mistral-7B-Instruct-v0.1's first template (no system turn)
+
+
 def _chat_tokenizer(path, template: str, special: list[str], metaspace: bool = False, **config) -> str:
     """A small BPE (byte-level as SmolLM2's, or Metaspace as Llama 2's and Mistral's) with these special
     tokens (bos, ..., eos) and chat template, in a folder both our Tokenizer and transformers read."""
@@ -594,6 +601,13 @@ def test_mistral_templates_render_as_transformers(tmp_path):
             prompt, prompt_mask = tok.encode_chat(prior, add_generation_prompt=True)
             full, mask = tok.encode_chat(prior + [_TURNS[1]])
             assert full[:len(prompt)] == prompt and mask == prompt_mask + [1] * (len(full) - len(prompt))
+    # v0.1's first template: no space before a reply, one after its eos (not the reply's: unmasked)
+    tok = M.Tokenizer(_chat_tokenizer(tmp_path / "v01", MISTRAL_V01_FIRST, ["<s>", "</s>"], metaspace=True))
+    assert tok.format == "mistral"
+    _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v01")),
+                                    chats=[_TURNS, _TURNS[:3], _TURNS[:1]])
+    text, spans = tok.render_chat(_TURNS)
+    assert [text[a:b] for a, b in spans] == [m["content"] + "</s>" for m in _TURNS[1::2]] and text.endswith("</s> ")
 
 
 def test_plain_generation_prompt_is_a_token_prefix_of_the_chat(tmp_path):
