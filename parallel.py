@@ -198,9 +198,11 @@ def optim_state(model, opt) -> dict:
 
 
 def load_optim_state(model, opt, path: str) -> None:
-    sd = torch.load(path, map_location=model.device)
     if not is_fsdp(model):
-        return opt.load_state_dict(sd)
+        return opt.load_state_dict(torch.load(path, map_location=model.device))
+    # the full state stays in host memory (a 7B model's AdamW moments alone are 28 GB in bf16, 56 in fp32):
+    # set_optimizer_state_dict moves each tensor to the device and keeps this rank's shard of it
+    sd = torch.load(path, map_location="cpu")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))

@@ -121,3 +121,57 @@ def test_reflection_two_processes_take_the_one_process_steps(novices, one_proces
     assert _task_ids(b, f"{method}/eval-iter2-test") == _task_ids(a, f"{method}/eval-iter1-test")  # in order
     # each rank kept its share of the collect and the evaluations in a partial file of its own, then dropped it
     assert not [f for f in _files(b) if "partial.pt" in f]
+
+
+FSDP_RESUME = '''
+import os, sys
+sys.path.insert(0, os.getcwd())
+import torch
+import model as M
+import parallel as P
+
+P.dist_setup("cpu")
+args = M.ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64,
+                   max_seq_len=64)
+x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def make():
+    m = P.fsdp_wrap(M.Transformer.from_args(args, seed=0))
+    return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+
+def step(m, opt):
+    opt.zero_grad()
+    m(x).logsumexp(-1).mean().backward()
+    opt.step()
+
+
+a, opt_a = make()
+step(a, opt_a)
+step(a, opt_a)
+state = P.optim_state(a, opt_a)  # gathered in full, as last/optimizer.pt
+if P.is_main():
+    torch.save(state, sys.argv[1])
+torch.distributed.barrier()
+b, opt_b = make()  # a resumed run: the saved weights, then the saved optimiser state
+b.load_state_dict(a.state_dict())
+P.load_optim_state(b, opt_b, sys.argv[1])
+for p, q in zip(a.parameters(), b.parameters()):
+    sa, sb = opt_a.state[p], opt_b.state[q]
+    assert all(torch.equal(sa[k].to_local(), sb[k].to_local()) for k in ("exp_avg", "exp_avg_sq")), "moments"
+    assert float(sa["step"]) == float(sb["step"]) == 2.0
+step(a, opt_a)
+step(b, opt_b)  # the next step is the uninterrupted run's, to the bit
+assert all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(a.parameters(), b.parameters())), "weights"
+print("resumed the same")
+P.dist_end()
+'''
+
+
+def test_fsdp_optimizer_state_saved_in_full_resumes_each_ranks_shard(tmp_path):
+    """--fsdp saves AdamW's state gathered in full (parallel.optim_state) and a resume shards it back
+    (load_optim_state): each rank's moments are the ones it had, and the next step is the same."""
+    script = tmp_path / "fsdp_resume.py"
+    script.write_text(FSDP_RESUME)
+    assert "resumed the same" in _torchrun(str(script), [str(tmp_path / "optimizer.pt")])
