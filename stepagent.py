@@ -1088,16 +1088,21 @@ def _check_run_config(run: str, cfg) -> None:
         envs.write_json(path, now)
 
 
-def _truncate_log(path: str, step: int, collect_pending: bool) -> None:
+def _truncate_log(path: str, step: int, collect_pending: bool) -> list[dict]:
     """Drop per-step metric lines past the checkpoint (a killed run wrote them; the resumed run
     writes them again), so the file reads as one uninterrupted run. collect_pending: the next
     collect has no saved collect-<it>.pt, so the step-less event lines at the end (inspect, explore)
-    came from a collect killed before its save, and the rerun logs them again."""
-    if os.path.exists(path) and P.is_main():
-        lines = [x for x in open(path) if json.loads(x).get("step", 0) <= step]
-        while collect_pending and lines and "step" not in json.loads(lines[-1]):
-            lines.pop()
-        envs.atomic_write(path, "".join(lines))
+    came from a collect killed before its save, and the rerun logs them again. Returns the lines
+    kept (rank 0; [] on the others, which write no log)."""
+    if not (os.path.exists(path) and P.is_main()):
+        return []
+    raw = open(path).readlines()
+    rows = [json.loads(x) for x in raw]
+    keep = [i for i, x in enumerate(rows) if x.get("step", 0) <= step]
+    while collect_pending and keep and "step" not in rows[keep[-1]]:
+        keep.pop()
+    envs.atomic_write(path, "".join(raw[i] for i in keep))
+    return [rows[i] for i in keep]
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -1157,9 +1162,9 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
         where = "after its reflection" if state["done"] else f"after update {state['batch']}"
         print(f"resuming {run}: iteration {state['iteration'] + 1}, {where}")
     pending = not os.path.exists(os.path.join(run, f"collect-{state['iteration'] + 1 + state['done']}.pt"))
-    _truncate_log(metrics, state["step"], pending)  # on a fresh start too (a run killed before its first save)
-    logged = {x.get("iteration") for x in map(json.loads, open(metrics)) if x.get("event") == "iteration"} \
-        if os.path.exists(metrics) else set()  # (a kill after iter<N>/ was saved and before its line: logged below)
+    kept = _truncate_log(metrics, state["step"], pending)  # on a fresh start too (a run killed before its first save)
+    # iterations with their line (a kill after iter<N>/ was saved and before its line: logged below)
+    logged = {x["iteration"] for x in kept if x.get("event") == "iteration"}
     log = Log(metrics)
 
     def save():
