@@ -33,8 +33,10 @@ expert's action labelled both 1 and 0, which holds D at 1/2 where the match rate
 keeping every expert action against only the misses lets D learn which steps are hard instead (the
 misses sit at the search and the product choice), a reward the group baseline cancels; the KL is
 Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi, per sampled token, averaged over
-tokens; `policy/entropy` is the exact entropy of the policy's next-token distribution, averaged over
-the sampled tokens; updates are passes over the iteration's data, `traj_batch` expert trajectories
+tokens, as GRPO's (pi_ref sampled the tokens, so once pi moves it is off-policy and can spike where
+pi makes a sampled token rare; `--kl_estimator k3_iw` weights it by pi / pi_ref: `kl_k3`);
+`policy/entropy` is the exact entropy of the policy's next-token distribution, averaged over the
+sampled tokens; updates are passes over the iteration's data, `traj_batch` expert trajectories
 (with all their practices; outcome: rollouts) per update, each one's forward and backward alone, the
 gradients summed (the losses are means over the batch's actions and tokens); log pi_old is scored per token by
 `action_tokens` (score_packed's computation, not the sampler's log-probs). A rollout is scored as
@@ -77,6 +79,7 @@ class IRLConfig(S.Config):
     adv_std: bool = False  # divide the group-centred advantages by the group's std
     token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
     disc_data: str = "all"  # D's examples: all (GAIL) | erred (missed states: expert action vs the misses)
+    kl_estimator: str = "k3"  # per sampled token: k3 (Schulman's, as GRPO) | k3_iw (k3 weighted by pi / pi_ref)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -146,10 +149,18 @@ def ppo_loss(lp: torch.Tensor, old: torch.Tensor, act: torch.Tensor, adv: torch.
     return pg_loss(lp.new_zeros(n).index_add(0, act, lp), old.new_zeros(n).index_add(0, act, old), adv, clip_eps)
 
 
-def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """KL(pi || pi_ref) from the sampled tokens (N,): mean of exp(d) - d - 1, d = ref - new (k3, >= 0)."""
+def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """KL(pi || pi_ref) from the sampled tokens (N,), which pi_ref sampled (pi_old = pi_ref), averaged:
+    k3: exp(d) - d - 1, d = ref - new (Schulman's k3, >= 0). Unbiased while pi is the sampler (an
+        iteration's first update); once pi has moved, its mean under pi_ref's samples is
+        E[pi_ref / pi] - 1 - KL(pi_ref || pi), unbounded where pi has made a sampled token rare.
+    k3_iw: r log r - r + 1, r = pi / pi_ref = exp(-d): k3 weighted by r, unbiased for KL(pi || pi_ref)
+        under pi_ref's samples at every update, >= 0, and at most 1 where pi drops a token."""
     d = logp_ref - logp_new
-    return (d.exp() - d - 1).mean()
+    if kind == "k3":
+        return (d.exp() - d - 1).mean()
+    r = (-d).exp()
+    return (r * -d - r + 1).mean()
 
 
 # ----------------------------------------------------------------------------- packed forwards
@@ -349,7 +360,7 @@ class Inverse(S.Method):
             old = torch.cat([data["old"][i] for i in part]).to(model.device)
             adv = torch.cat([self.adv[1][i] for i in part]).to(model.device)
             pg, clip = ppo_loss(lp, old, act, adv, c.clip_eps, c.token_level)  # means over the part's
-            kl = kl_k3(lp, old)  # actions (or tokens) and tokens: weighted back to the slice's below
+            kl = kl_k3(lp, old, c.kl_estimator)  # actions (or tokens) and tokens: weighted back to the slice's below
             f_pg = len(lp) / n_t if c.token_level else len(adv) / n_a
             (pg * f_pg * w_pg + c.kl_coef * kl * len(lp) / n_t * w_t).backward()
             for k, v in (("pg", pg * f_pg), ("kl", kl * len(lp) / n_t), ("clip", clip * f_pg),
@@ -400,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
     if cfg.disc_data not in ("all", "erred"):
         sys.exit(f"error: --disc_data {cfg.disc_data!r}: choose all or erred")
+    if cfg.kl_estimator not in ("k3", "k3_iw"):
+        sys.exit(f"error: --kl_estimator {cfg.kl_estimator!r}: choose k3 or k3_iw")
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
     for name in ("disc_epochs", "pg_epochs", "traj_batch"):

@@ -48,6 +48,29 @@ def test_pg_loss_by_hand():
     assert abs(TR.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() - math.exp(-1)) < 1e-6  # d = -1
 
 
+def test_kl_estimators_expectations_under_the_reference_policys_samples():
+    """The penalty's tokens were sampled by pi_ref (= pi_old). Over one categorical, the exact
+    expectation under pi_ref of k3_iw is KL(pi || pi_ref); that of k3 is E[pi_ref / pi] - 1 -
+    KL(pi_ref || pi), which grows without bound as pi makes a token rare, where k3_iw stays <= 1."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(50, generator=g, dtype=torch.float64).log_softmax(-1)
+    new = (ref + torch.randn(50, generator=g, dtype=torch.float64)).log_softmax(-1)
+    w = ref.exp()  # pi_ref's probability of sampling each token
+
+    def expect(kind):  # sum_x pi_ref(x) f(x), each token's f from kl_k3 on that token alone
+        return sum(w[i] * TR.kl_k3(new[i:i + 1], ref[i:i + 1], kind) for i in range(50)).item()
+
+    kl_new_ref = (new.exp() * (new - ref)).sum().item()
+    kl_ref_new = (w * (ref - new)).sum().item()
+    assert abs(expect("k3_iw") - kl_new_ref) < 1e-9
+    assert abs(expect("k3") - ((w * (ref - new).exp()).sum().item() - 1 - kl_ref_new)) < 1e-9
+    assert abs(expect("k3") - kl_new_ref) > 0.1  # not the same quantity once pi has moved
+    rare = torch.tensor([-30.0])  # pi drops a token pi_ref gave e^-2
+    assert TR.kl_k3(rare, torch.tensor([-2.0]), "k3").item() > 1e11
+    assert 0.99 < TR.kl_k3(rare, torch.tensor([-2.0]), "k3_iw").item() <= 1
+    assert TR.kl_k3(torch.zeros(3), torch.zeros(3), "k3_iw").item() == 0
+
+
 def test_group_advantages_rewards_and_disc_loss_by_hand():
     r = torch.tensor([[1.0, 0.0], [2.0, 2.0], [3.0, 0.0]])
     assert torch.equal(TR.group_advantages(r, std=False), torch.tensor([[0.5, -0.5], [0.0, 0.0], [1.5, -1.5]]))
