@@ -893,7 +893,11 @@ def report(out: str, results: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("table", "sweep", "report"):
-        sys.exit("usage: python results.py table|sweep|report [--field value ...]\n\n" + __doc__.split("\n\n")[1])
+        usage = "usage: python results.py table|sweep|report [--field value ...] (the options: table --help)\n\n"
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage + __doc__.split("\n\n")[1])
+            sys.exit(0)
+        sys.exit(usage + __doc__.split("\n\n")[1])
     argv = list(argv)
     if argv[0] == "sweep":  # the sweeps' own defaults, written into the recorded command
         given = {a.lstrip("-") for a in argv[1::2]}
@@ -903,7 +907,8 @@ def main(argv: list[str] | None = None) -> None:
     for bad in ("--env", "--seed"):
         if bad in argv:
             sys.exit(f"error: {bad} is per cell here; use {bad}s with a comma-separated list")
-    with contextlib.redirect_stdout(io.StringIO()) if argv[0] == "report" else contextlib.nullcontext():
+    quiet = argv[0] == "report" and not {"-h", "--help"} & set(argv)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         cfg = S.parse_config(TableConfig, argv[1:])  # prints the config: not for a report, which trains nothing
     table_methods = list(METHODS) if cfg.methods == "all" else names(cfg.methods)
     unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]

@@ -52,6 +52,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from inspect import getsource
 
 import torch
 from tqdm import tqdm
@@ -115,10 +116,14 @@ class Config:
 
 
 def parse_config(cls, argv: list[str]):
-    """`--field value` for every dataclass field; prints and returns the resolved config."""
+    """`--field value` for every dataclass field; prints and returns the resolved config (-h / --help:
+    the options, then exit)."""
     cfg, i = cls(), 0
     fields = {f.name: f for f in dataclasses.fields(cls)}
     while i < len(argv):
+        if argv[i] in ("-h", "--help"):
+            print(config_help(cls))
+            sys.exit(0)
         key = argv[i].lstrip("-").replace("-", "_")
         if not argv[i].startswith("--") or key not in fields:
             sys.exit(f"error: unknown option {argv[i]!r}; options: " + " ".join(f"--{k}" for k in fields))
@@ -143,6 +148,23 @@ def parse_config(cls, argv: list[str]):
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only (parsing comes before dist_setup)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
     return cfg
+
+
+def config_help(cls) -> str:
+    """Every option of config class cls, its default and the comment beside its field in the source
+    (a subclass's comment over its base's)."""
+    notes = {}
+    for c in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(c):
+            for line in getsource(c).splitlines():
+                m = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)", line)
+                if m:
+                    notes[m[1]] = m[2]
+    shown = {f.name: str(v).lower() if isinstance(v, bool) else str(v) or "''"
+             for f in dataclasses.fields(cls) for v in [getattr(cls(), f.name)]}
+    w = max(len(k) + len(v) for k, v in shown.items()) + 4
+    return "\n".join([f"options (--field value; the default, then what it sets) of {cls.__name__}:"] +
+                      [f"  {f'--{k} {v}':<{w}} {notes.get(k, '')}".rstrip() for k, v in shown.items()])
 
 
 class Log:
@@ -1252,7 +1274,11 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("sft", "inspect", "eval"):
-        sys.exit("usage: python stepagent.py sft|inspect|eval [--field value ...]\n" + __doc__.split("\n\n")[-1])
+        usage = "usage: python stepagent.py sft|inspect|eval [--field value ...] (the options: sft --help)\n"
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage + __doc__.split("\n\n")[-1])
+            sys.exit(0)
+        sys.exit(usage + __doc__.split("\n\n")[-1])
     cmd, cfg = argv[0], parse_config(Config, argv[1:])
     P.dist_setup(cfg.device)
     seed_all(cfg.seed)

@@ -124,3 +124,24 @@ def test_sft_reuses_its_novice_and_refuses_other_options(tmp_path):
     stdout = run("stepagent.py", "sft", *MICRO, "--out", out, "--n_test", "1", "--amp", other)
     assert "novice already trained" in stdout and f"trained with --amp {first['amp']}; this run trains with --amp {other}" in stdout
     assert json.load(open(os.path.join(out, "sft", "trainer_state.json"))) == first
+
+
+def test_help_lists_every_option_with_its_default_and_comment():
+    import dataclasses
+
+    import results as R
+    import stepagent as S
+    import train_irl as TR
+
+    r = subprocess.run([sys.executable, "train_irl.py", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and '"env":' not in r.stdout, r.stderr  # the options, no resolved config: nothing ran
+    lines = {x.split()[0]: x for x in r.stdout.splitlines()[1:]}
+    assert list(lines) == [f"--{f.name}" for f in dataclasses.fields(TR.IRLConfig)]
+    assert lines["--kl_estimator"].split()[1] == "k3" and lines["--kl_estimator"].endswith("k3_iw (k3 weighted by pi / pi_ref)")
+    assert lines["--whole_ids"].split()[1] == "true" and lines["--model"].split()[1] == "''"
+    assert lines["--seed"].split() == ["--seed", "0"]  # no comment beside the field, none shown
+    table = {x.split()[0]: x for x in S.config_help(R.TableConfig).splitlines()[1:]}
+    assert table["--n_test"].split()[1:] == "200 test and test_unseen tasks per evaluation".split()  # the subclass's
+    for cmd in (["results.py", "report", "--help"], ["stepagent.py", "--help"]):  # report's output is not swallowed
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
+        assert r.returncode == 0 and ("--results RESULTS.md" in r.stdout if "report" in cmd else "usage:" in r.stdout)
