@@ -911,6 +911,9 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         cfg = S.parse_config(TableConfig, argv[1:])  # prints the config: not for a report, which trains nothing
     table_methods = list(METHODS) if cfg.methods == "all" else names(cfg.methods)
+    bad_envs = [e for e in names(cfg.envs) if e not in envs.ENVS]
+    if bad_envs:
+        sys.exit(f"error: --envs {cfg.envs!r}: {bad_envs[0]!r} is not one of {', '.join(envs.ENVS)}")
     unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]
     if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS:
         sys.exit(f"error: --what {cfg.what!r} (iterations | k | size), --sweep_methods / --methods {unknown} (any of "

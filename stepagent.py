@@ -141,6 +141,7 @@ def parse_config(cls, argv: list[str]):
             sys.exit(f"error: --{key} expects a {type(default).__name__}, got {raw!r}")
         setattr(cfg, key, val)
         i += 2
+    check_config(cfg)
     if getattr(cfg, "amp", None) is not None:  # the precision this run trains in, recorded in its config.json
         if cfg.amp not in ("auto", "bf16", "none"):
             sys.exit(f"error: --amp expects auto, bf16 or none, got {cfg.amp!r}")
@@ -148,6 +149,29 @@ def parse_config(cls, argv: list[str]):
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only (parsing comes before dist_setup)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
     return cfg
+
+
+AT_LEAST_1 = ("n_train", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "batch_size", "grad_accum",
+              "max_new_tokens", "eval_batch", "k", "traj_batch", "log_every")
+
+
+def check_config(cfg) -> None:
+    """Refuse options that cannot work, before any work, with one line naming the option."""
+    small = [k for k in AT_LEAST_1 if getattr(cfg, k) < 1]
+    if small:
+        sys.exit(f"error: --{small[0]} {getattr(cfg, small[0])}: must be at least 1")
+    if cfg.env not in envs.ENVS:
+        sys.exit(f"error: --env {cfg.env!r}: choose {', '.join(envs.ENVS)}")
+    for key, path in (("preset", cfg.preset if cfg.preset not in ("tiny", "smollm2") else ""), ("model", cfg.model)):
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            sys.exit(f"error: --{key} {path!r}: no config.json there (a Hugging Face-layout model folder"
+                     f"{'' if key == 'model' else ', or tiny or smollm2'})")
+    if cfg.preset == "tiny" and cfg.dim % (2 * cfg.n_heads):
+        sys.exit(f"error: --dim {cfg.dim}: must split into --n_heads {cfg.n_heads} heads of an even size (RoPE rotates pairs)")
+    try:
+        torch.empty(0, device=P.get_device(cfg.device))
+    except (RuntimeError, AssertionError) as e:
+        sys.exit(f"error: --device {cfg.device!r}: {str(e).splitlines()[0]}")
 
 
 def config_help(cls) -> str:

@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --kl_estimator {cfg.kl_estimator!r}: choose k3 or k3_iw")
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
-    for name in ("disc_epochs", "pg_epochs", "traj_batch"):
+    for name in ("disc_epochs", "pg_epochs"):
         if getattr(cfg, name) < 1:
             sys.exit(f"error: --{name} {getattr(cfg, name)}: must be at least 1")
     if not 0 < cfg.clip_eps < 1:

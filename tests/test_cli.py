@@ -145,3 +145,28 @@ def test_help_lists_every_option_with_its_default_and_comment():
     for cmd in (["results.py", "report", "--help"], ["stepagent.py", "--help"]):  # report's output is not swallowed
         r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         assert r.returncode == 0 and ("--results RESULTS.md" in r.stdout if "report" in cmd else "usage:" in r.stdout)
+
+
+def test_impossible_options_are_refused_before_any_work(tmp_path):
+    import results as R
+    import stepagent as S
+    import train_implicit as TI
+    import train_irl as TR
+
+    out = str(tmp_path / "run")
+    cases = [(TI.main, ["--env", "nosuch"], "--env 'nosuch': choose webshop, household"),
+             (TR.main, ["--preset", str(tmp_path / "nope")], "--preset '"),
+             (S.main, ["eval", "--model", str(tmp_path / "nope")], "--model '"),
+             (TI.main, ["--dim", "100", "--n_heads", "3"], "--dim 100: must split into --n_heads 3 heads of an even size"),
+             (TI.main, ["--dim", "99", "--n_heads", "3"], "--dim 99"),  # divides, but into heads of 33
+             (TI.main, ["--k", "0"], "--k 0: must be at least 1"),
+             (TR.main, ["--traj_batch", "0"], "--traj_batch 0: must be at least 1"),
+             (S.main, ["sft", "--device", "gpu"], "--device 'gpu': "),
+             (R.main, ["table", "--envs", "webshop,nosuch"], "--envs 'webshop,nosuch': 'nosuch' is not one of")]
+    for main, argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", out])
+        assert str(e.value).startswith("error: " + msg) and "\n" not in str(e.value), (argv, e.value)
+        assert not os.path.exists(out), argv  # refused before any file was written
+    cfg = S.parse_config(S.Config, ["--dim", "96", "--n_heads", "3", "--out", out])  # heads of 32: accepted
+    assert cfg.dim == 96
