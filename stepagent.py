@@ -184,8 +184,8 @@ def config_help(cls) -> str:
                 m = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)", line)
                 if m:
                     notes[m[1]] = m[2]
-    shown = {f.name: str(v).lower() if isinstance(v, bool) else str(v) or "''"
-             for f in dataclasses.fields(cls) for v in [getattr(cls(), f.name)]}
+    defaults = dataclasses.asdict(cls())
+    shown = {k: str(v).lower() if isinstance(v, bool) else str(v) or "''" for k, v in defaults.items()}
     w = max(len(k) + len(v) for k, v in shown.items()) + 4
     return "\n".join([f"options (--field value; the default, then what it sets) of {cls.__name__}:"] +
                       [f"  {f'--{k} {v}':<{w}} {notes.get(k, '')}".rstrip() for k, v in shown.items()])
