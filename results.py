@@ -914,6 +914,14 @@ def main(argv: list[str] | None = None) -> None:
     bad_envs = [e for e in names(cfg.envs) if e not in envs.ENVS]
     if bad_envs:
         sys.exit(f"error: --envs {cfg.envs!r}: {bad_envs[0]!r} is not one of {', '.join(envs.ENVS)}")
+    for key in ("seeds", "ks", "dims"):
+        try:
+            xs = ints(getattr(cfg, key))
+        except ValueError:
+            sys.exit(f"error: --{key} {getattr(cfg, key)!r}: expected comma-separated whole numbers")
+        if key != "seeds" and any(x < 1 or key == "dims" and x % (2 * cfg.n_heads) for x in xs):
+            sys.exit(f"error: --{key} {getattr(cfg, key)!r}: " + ("each at least 1" if key == "ks" else
+                     f"each a width that splits into --n_heads {cfg.n_heads} heads of an even size"))
     unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]
     if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS:
         sys.exit(f"error: --what {cfg.what!r} (iterations | k | size), --sweep_methods / --methods {unknown} (any of "

@@ -162,7 +162,10 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
              (TI.main, ["--k", "0"], "--k 0: must be at least 1"),
              (TR.main, ["--traj_batch", "0"], "--traj_batch 0: must be at least 1"),
              (S.main, ["sft", "--device", "gpu"], "--device 'gpu': "),
-             (R.main, ["table", "--envs", "webshop,nosuch"], "--envs 'webshop,nosuch': 'nosuch' is not one of")]
+             (R.main, ["table", "--envs", "webshop,nosuch"], "--envs 'webshop,nosuch': 'nosuch' is not one of"),
+             (R.main, ["table", "--seeds", "0,one"], "--seeds '0,one': expected comma-separated whole numbers"),
+             (R.main, ["sweep", "--what", "k", "--ks", "0,2"], "--ks '0,2': each at least 1"),
+             (R.main, ["sweep", "--what", "size", "--dims", "128,100"], "--dims '128,100': each a width that splits")]
     for main, argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", out])
