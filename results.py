@@ -923,9 +923,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --{key} {getattr(cfg, key)!r}: " + ("each at least 1" if key == "ks" else
                      f"each a width that splits into --n_heads {cfg.n_heads} heads of an even size"))
     unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]
-    if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS:
+    if cfg.what not in ("iterations", "k", "size") or unknown or cfg.reward not in TR.REWARDS \
+            or cfg.kl_estimator not in TR.KL_ESTIMATORS:
         sys.exit(f"error: --what {cfg.what!r} (iterations | k | size), --sweep_methods / --methods {unknown} (any of "
-                 f"{', '.join(METHODS)}), --reward {cfg.reward!r} (the inverse method's: {', '.join(TR.REWARDS)})")
+                 f"{', '.join(METHODS)}), --reward {cfg.reward!r} (the inverse method's: {', '.join(TR.REWARDS)}), "
+                 f"--kl_estimator {cfg.kl_estimator!r} ({', '.join(TR.KL_ESTIMATORS)})")
     if argv[0] == "report":
         return report(cfg.out, cfg.results)
     key = "-".join(filter(None, ["table", preset_tag(cfg)])) if argv[0] == "table" else f"sweep-{cfg.what}"

@@ -159,8 +159,13 @@ def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor, kind: str = "k3") -> t
     d = logp_ref - logp_new
     if kind == "k3":
         return (d.exp() - d - 1).mean()
-    r = (-d).exp()
-    return (r * -d - r + 1).mean()
+    if kind == "k3_iw":
+        r = (-d).exp()
+        return (r * -d - r + 1).mean()
+    raise ValueError(f"--kl_estimator {kind!r}: choose {', '.join(KL_ESTIMATORS)}")
+
+
+KL_ESTIMATORS = ("k3", "k3_iw")
 
 
 # ----------------------------------------------------------------------------- packed forwards
@@ -411,8 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
     if cfg.disc_data not in ("all", "erred"):
         sys.exit(f"error: --disc_data {cfg.disc_data!r}: choose all or erred")
-    if cfg.kl_estimator not in ("k3", "k3_iw"):
-        sys.exit(f"error: --kl_estimator {cfg.kl_estimator!r}: choose k3 or k3_iw")
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        sys.exit(f"error: --kl_estimator {cfg.kl_estimator!r}: choose {', '.join(KL_ESTIMATORS)}")
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
     for name in ("disc_epochs", "pg_epochs"):

@@ -171,5 +171,8 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
             main([*argv, "--out", out])
         assert str(e.value).startswith("error: " + msg) and "\n" not in str(e.value), (argv, e.value)
         assert not os.path.exists(out), argv  # refused before any file was written
+    with pytest.raises(SystemExit, match=r"--kl_estimator 'k4' \(k3, k3_iw\)"):  # a cell would skip train_irl's main
+        R.main(["table", "--kl_estimator", "k4", "--out", out])
+    assert not os.path.exists(out)
     cfg = S.parse_config(S.Config, ["--dim", "96", "--n_heads", "3", "--out", out])  # heads of 32: accepted
     assert cfg.dim == 96

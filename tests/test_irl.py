@@ -69,6 +69,8 @@ def test_kl_estimators_expectations_under_the_reference_policys_samples():
     assert TR.kl_k3(rare, torch.tensor([-2.0]), "k3").item() > 1e11
     assert 0.99 < TR.kl_k3(rare, torch.tensor([-2.0]), "k3_iw").item() <= 1
     assert TR.kl_k3(torch.zeros(3), torch.zeros(3), "k3_iw").item() == 0
+    with pytest.raises(ValueError, match="--kl_estimator 'k4'"):  # not k3_iw by default (results.py's cells skip main)
+        TR.kl_k3(torch.zeros(3), torch.zeros(3), "k4")
 
 
 def test_group_advantages_rewards_and_disc_loss_by_hand():
