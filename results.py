@@ -895,8 +895,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("table", "sweep", "report"):
         usage = "usage: python results.py table|sweep|report [--field value ...] (the options: table --help)\n\n"
         if argv[:1] in (["-h"], ["--help"]):
-            print(usage + __doc__.split("\n\n")[1])
-            sys.exit(0)
+            S.print_help(usage + __doc__.split("\n\n")[1])
         sys.exit(usage + __doc__.split("\n\n")[1])
     argv = list(argv)
     if argv[0] == "sweep":  # the sweeps' own defaults, written into the recorded command

@@ -122,8 +122,7 @@ def parse_config(cls, argv: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     while i < len(argv):
         if argv[i] in ("-h", "--help"):
-            print(config_help(cls))
-            sys.exit(0)
+            print_help(config_help(cls))
         key = argv[i].lstrip("-").replace("-", "_")
         if not argv[i].startswith("--") or key not in fields:
             sys.exit(f"error: unknown option {argv[i]!r}; options: " + " ".join(f"--{k}" for k in fields))
@@ -172,6 +171,15 @@ def check_config(cfg) -> None:
         torch.empty(0, device=P.get_device(cfg.device))
     except (RuntimeError, AssertionError) as e:
         sys.exit(f"error: --device {cfg.device!r}: {str(e).splitlines()[0]}")
+
+
+def print_help(text: str) -> None:
+    """Print text and exit 0, quietly when the reader has gone (`--help | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # send what Python flushes at exit to /dev/null, not a second traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 def config_help(cls) -> str:
@@ -1300,8 +1308,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("sft", "inspect", "eval"):
         usage = "usage: python stepagent.py sft|inspect|eval [--field value ...] (the options: sft --help)\n"
         if argv[:1] in (["-h"], ["--help"]):
-            print(usage + __doc__.split("\n\n")[-1])
-            sys.exit(0)
+            print_help(usage + __doc__.split("\n\n")[-1])
         sys.exit(usage + __doc__.split("\n\n")[-1])
     cmd, cfg = argv[0], parse_config(Config, argv[1:])
     P.dist_setup(cfg.device)

@@ -145,6 +145,11 @@ def test_help_lists_every_option_with_its_default_and_comment():
     for cmd in (["results.py", "report", "--help"], ["stepagent.py", "--help"]):  # report's output is not swallowed
         r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         assert r.returncode == 0 and ("--results RESULTS.md" in r.stdout if "report" in cmd else "usage:" in r.stdout)
+    for cmd in (["train_irl.py", "--help"], ["stepagent.py", "-h"], ["results.py", "--help"]):
+        p = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.close()  # the reader gone before the child writes, as `--help | head -1` after its line
+        err = p.stderr.read()
+        assert p.wait() == 0 and "Traceback" not in err, err
 
 
 def test_impossible_options_are_refused_before_any_work(tmp_path):
