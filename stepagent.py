@@ -53,6 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from inspect import getsource
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -113,6 +114,8 @@ class Config:
     log_every: int = 10  # SFT: optimiser steps between per-step metric lines
     grad_ckpt: bool = False  # training: recompute each block in backward instead of storing its activations (long contexts)
     fsdp: bool = False  # torchrun: shard the policy's weights, gradients and optimiser state over the ranks (FSDP2)
+    # the values a str option may take (a subclass's entries add to or replace these; check_config refuses others)
+    CHOICES: ClassVar[dict] = {"amp": ("auto", "bf16", "none"), "dtype": tuple(M.DTYPES)}
 
 
 def parse_config(cls, argv: list[str]):
@@ -141,10 +144,7 @@ def parse_config(cls, argv: list[str]):
         setattr(cfg, key, val)
         i += 2
     check_config(cfg)
-    if getattr(cfg, "amp", None) is not None:  # the precision this run trains in, recorded in its config.json
-        if cfg.amp not in ("auto", "bf16", "none"):
-            sys.exit(f"error: --amp expects auto, bf16 or none, got {cfg.amp!r}")
-        cfg.amp = resolve_amp(cfg.amp, P.get_device(cfg.device))
+    cfg.amp = resolve_amp(cfg.amp, P.get_device(cfg.device))  # the precision this run trains in, in its config.json
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only (parsing comes before dist_setup)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
     return cfg
@@ -159,8 +159,12 @@ def check_config(cfg) -> None:
     small = [k for k in AT_LEAST_1 if getattr(cfg, k) < 1]
     if small:
         sys.exit(f"error: --{small[0]} {getattr(cfg, small[0])}: must be at least 1")
-    if cfg.env not in envs.ENVS:
-        sys.exit(f"error: --env {cfg.env!r}: choose {', '.join(envs.ENVS)}")
+    choices = {"env": tuple(envs.ENVS)}
+    for c in reversed(type(cfg).__mro__):  # the base's first, so a subclass's entry wins
+        choices.update(vars(c).get("CHOICES", {}))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            sys.exit(f"error: --{key} {getattr(cfg, key)!r}: choose {', '.join(allowed)}")
     for key, path in (("preset", cfg.preset if cfg.preset not in ("tiny", "smollm2") else ""), ("model", cfg.model)):
         if path and not os.path.isfile(os.path.join(path, "config.json")):
             sys.exit(f"error: --{key} {path!r}: no config.json there (a Hugging Face-layout model folder"

@@ -46,6 +46,7 @@ import stepagent as S
 @dataclass
 class ImplicitConfig(S.Config):
     level: str = "step"  # step (StepAgent-Implicit) | trajectory (ETO)
+    CHOICES = {"level": ("step", "trajectory")}  # check_config's (a ClassVar, as S.Config's)
     beta: float = 0.1  # DPO temperature (ETO's default)
     dpo_lr: float = 1e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
     dpo_epochs: int = 1  # passes over one iteration's pairs
@@ -240,8 +241,6 @@ class TrajectoryDPO(StepDPO):
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(ImplicitConfig, sys.argv[1:] if argv is None else argv)
     P.dist_setup(cfg.device)
-    if cfg.level not in ("step", "trajectory"):
-        sys.exit(f"error: --level {cfg.level!r}: choose step (StepAgent-Implicit) or trajectory (ETO)")
     method = StepDPO(cfg) if cfg.level == "step" else TrajectoryDPO(cfg)
     S.train_iterations(cfg, method, "StepAgent-Implicit" if cfg.level == "step" else "ETO")
 

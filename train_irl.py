@@ -65,6 +65,7 @@ import stepagent as S
 import train_implicit as TI
 
 REWARDS = ("logit", "logd", "log1md")
+KL_ESTIMATORS = ("k3", "k3_iw")
 
 
 @dataclass
@@ -80,6 +81,7 @@ class IRLConfig(S.Config):
     token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
     disc_data: str = "all"  # D's examples: all (GAIL) | erred (missed states: expert action vs the misses)
     kl_estimator: str = "k3"  # per sampled token: k3 (Schulman's, as GRPO) | k3_iw (k3 weighted by pi / pi_ref)
+    CHOICES = {"reward": (*REWARDS, "outcome"), "disc_data": ("all", "erred"), "kl_estimator": KL_ESTIMATORS}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -163,9 +165,6 @@ def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor, kind: str = "k3") -> t
         r = (-d).exp()
         return (r * -d - r + 1).mean()
     raise ValueError(f"--kl_estimator {kind!r}: choose {', '.join(KL_ESTIMATORS)}")
-
-
-KL_ESTIMATORS = ("k3", "k3_iw")
 
 
 # ----------------------------------------------------------------------------- packed forwards
@@ -412,12 +411,6 @@ class Outcome(Inverse):
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
     P.dist_setup(cfg.device)
-    if cfg.reward not in (*REWARDS, "outcome"):
-        sys.exit(f"error: --reward {cfg.reward!r}: choose {', '.join(REWARDS)} (StepAgent-Inverse) or outcome (PPO)")
-    if cfg.disc_data not in ("all", "erred"):
-        sys.exit(f"error: --disc_data {cfg.disc_data!r}: choose all or erred")
-    if cfg.kl_estimator not in KL_ESTIMATORS:
-        sys.exit(f"error: --kl_estimator {cfg.kl_estimator!r}: choose {', '.join(KL_ESTIMATORS)}")
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
     for name in ("disc_epochs", "pg_epochs"):

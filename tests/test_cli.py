@@ -170,14 +170,23 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
              (R.main, ["table", "--envs", "webshop,nosuch"], "--envs 'webshop,nosuch': 'nosuch' is not one of"),
              (R.main, ["table", "--seeds", "0,one"], "--seeds '0,one': expected comma-separated whole numbers"),
              (R.main, ["sweep", "--what", "k", "--ks", "0,2"], "--ks '0,2': each at least 1"),
-             (R.main, ["sweep", "--what", "size", "--dims", "128,100"], "--dims '128,100': each a width that splits")]
+             (R.main, ["sweep", "--what", "size", "--dims", "128,100"], "--dims '128,100': each a width that splits"),
+             # a str option's choices (Config.CHOICES and its subclasses'), refused by parse_config for every entry point
+             (TI.main, ["--level", "steps"], "--level 'steps': choose step, trajectory"),
+             (TR.main, ["--reward", "logitt"], "--reward 'logitt': choose logit, logd, log1md, outcome"),
+             (TR.main, ["--disc_data", "some"], "--disc_data 'some': choose all, erred"),
+             (TR.main, ["--kl_estimator", "k4"], "--kl_estimator 'k4': choose k3, k3_iw"),
+             (S.main, ["sft", "--dtype", "fp8"], "--dtype 'fp8': choose float32, fp32, bfloat16"),
+             (R.main, ["table", "--kl_estimator", "k4"], "--kl_estimator 'k4': choose k3, k3_iw"),  # cells skip TR.main
+             (R.main, ["table", "--reward", "outcome"], "--reward 'outcome': choose logit, logd, log1md"),  # a method
+             (R.main, ["sweep", "--what", "depth"], "--what 'depth': choose iterations, k, size"),
+             (R.main, ["table", "--methods", "inverse,ppo"], "--sweep_methods / --methods: 'ppo' is not one of")]
     for main, argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", out])
         assert str(e.value).startswith("error: " + msg) and "\n" not in str(e.value), (argv, e.value)
         assert not os.path.exists(out), argv  # refused before any file was written
-    with pytest.raises(SystemExit, match=r"--kl_estimator 'k4' \(k3, k3_iw\)"):  # a cell would skip train_irl's main
-        R.main(["table", "--kl_estimator", "k4", "--out", out])
-    assert not os.path.exists(out)
     cfg = S.parse_config(S.Config, ["--dim", "96", "--n_heads", "3", "--out", out])  # heads of 32: accepted
     assert cfg.dim == 96
+    for cls in (S.Config, TI.ImplicitConfig, TR.IRLConfig, R.TableConfig):  # each default is one of its choices
+        S.check_config(cls(device="cpu"))
