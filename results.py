@@ -925,6 +925,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [k for k in names(cfg.sweep_methods) + table_methods if k not in METHODS]
     if unknown:
         sys.exit(f"error: --sweep_methods / --methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    grouped = GROUP & set(table_methods if argv[0] == "table" else [] if cfg.what == "k" else names(cfg.sweep_methods))
+    if cfg.k < 2 and grouped and argv[0] != "report":  # a cell skips train_irl's main, which refuses it too
+        sys.exit(f"error: --k {cfg.k}: the group baseline of {', '.join(sorted(grouped))} needs at least 2 samples per state")
     if argv[0] == "report":
         return report(cfg.out, cfg.results)
     key = "-".join(filter(None, ["table", preset_tag(cfg)])) if argv[0] == "table" else f"sweep-{cfg.what}"

@@ -151,14 +151,16 @@ def parse_config(cls, argv: list[str]):
 
 
 AT_LEAST_1 = ("n_train", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "batch_size", "grad_accum",
-              "max_new_tokens", "eval_batch", "k", "traj_batch", "log_every")
+              "max_new_tokens", "eval_batch", "k", "traj_batch", "log_every", "disc_epochs", "pg_epochs")  # the last two: IRLConfig's
 
 
 def check_config(cfg) -> None:
     """Refuse options that cannot work, before any work, with one line naming the option."""
-    small = [k for k in AT_LEAST_1 if getattr(cfg, k) < 1]
+    small = [k for k in AT_LEAST_1 if getattr(cfg, k, 1) < 1]
     if small:
         sys.exit(f"error: --{small[0]} {getattr(cfg, small[0])}: must be at least 1")
+    if not 0 < getattr(cfg, "clip_eps", 0.5) < 1:
+        sys.exit(f"error: --clip_eps {cfg.clip_eps}: must be in (0, 1)")
     choices = {"env": tuple(envs.ENVS)}
     for c in reversed(type(cfg).__mro__):  # the base's first, so a subclass's entry wins
         choices.update(vars(c).get("CHOICES", {}))

@@ -410,14 +410,9 @@ class Outcome(Inverse):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = S.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
-    P.dist_setup(cfg.device)
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
-    for name in ("disc_epochs", "pg_epochs"):
-        if getattr(cfg, name) < 1:
-            sys.exit(f"error: --{name} {getattr(cfg, name)}: must be at least 1")
-    if not 0 < cfg.clip_eps < 1:
-        sys.exit(f"error: --clip_eps {cfg.clip_eps}: must be in (0, 1)")
+    P.dist_setup(cfg.device)
     outcome = cfg.reward == "outcome"
     S.train_iterations(cfg, Outcome(cfg) if outcome else Inverse(cfg),
                        "PPO (outcome reward)" if outcome else "StepAgent-Inverse")

@@ -180,7 +180,14 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
              (R.main, ["table", "--kl_estimator", "k4"], "--kl_estimator 'k4': choose k3, k3_iw"),  # cells skip TR.main
              (R.main, ["table", "--reward", "outcome"], "--reward 'outcome': choose logit, logd, log1md"),  # a method
              (R.main, ["sweep", "--what", "depth"], "--what 'depth': choose iterations, k, size"),
-             (R.main, ["table", "--methods", "inverse,ppo"], "--sweep_methods / --methods: 'ppo' is not one of")]
+             (R.main, ["table", "--methods", "inverse,ppo"], "--sweep_methods / --methods: 'ppo' is not one of"),
+             # train_irl's numeric checks, which the table's cells (skipping its main) need as much
+             (TR.main, ["--k", "1"], "--k 1: the group baseline needs at least 2 samples per state"),
+             (R.main, ["table", "--k", "1"], "--k 1: the group baseline of inverse, ppo-outcome needs at least 2"),
+             (R.main, ["sweep", "--k", "1", "--sweep_methods", "implicit,inverse"], "--k 1: the group baseline of inverse needs"),
+             (R.main, ["table", "--pg_epochs", "0"], "--pg_epochs 0: must be at least 1"),
+             (TR.main, ["--clip_eps", "1.5"], "--clip_eps 1.5: must be in (0, 1)"),
+             (R.main, ["table", "--clip_eps", "0"], "--clip_eps 0.0: must be in (0, 1)")]
     for main, argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", out])
@@ -188,5 +195,6 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
         assert not os.path.exists(out), argv  # refused before any file was written
     cfg = S.parse_config(S.Config, ["--dim", "96", "--n_heads", "3", "--out", out])  # heads of 32: accepted
     assert cfg.dim == 96
+    assert S.parse_config(TI.ImplicitConfig, ["--k", "1", "--out", out]).k == 1  # no group baseline: K = 1 is fine
     for cls in (S.Config, TI.ImplicitConfig, TR.IRLConfig, R.TableConfig):  # each default is one of its choices
         S.check_config(cls(device="cpu"))
