@@ -115,7 +115,7 @@ class Config:
     grad_ckpt: bool = False  # training: recompute each block in backward instead of storing its activations (long contexts)
     fsdp: bool = False  # torchrun: shard the policy's weights, gradients and optimiser state over the ranks (FSDP2)
     # the values a str option may take (a subclass's entries add to or replace these; check_config refuses others)
-    CHOICES: ClassVar[dict] = {"amp": ("auto", "bf16", "none"), "dtype": tuple(M.DTYPES)}
+    CHOICES: ClassVar[dict] = {"env": tuple(envs.ENVS), "amp": ("auto", "bf16", "none"), "dtype": tuple(M.DTYPES)}
 
 
 def parse_config(cls, argv: list[str]):
@@ -161,7 +161,7 @@ def check_config(cfg) -> None:
         sys.exit(f"error: --{small[0]} {getattr(cfg, small[0])}: must be at least 1")
     if not 0 < getattr(cfg, "clip_eps", 0.5) < 1:
         sys.exit(f"error: --clip_eps {cfg.clip_eps}: must be in (0, 1)")
-    choices = {"env": tuple(envs.ENVS)}
+    choices = {}
     for c in reversed(type(cfg).__mro__):  # the base's first, so a subclass's entry wins
         choices.update(vars(c).get("CHOICES", {}))
     for key, allowed in choices.items():
