@@ -663,7 +663,14 @@ def machines(seen: list | None) -> list[dict]:
 
 
 def cpu_native_bf16() -> list[str]:
-    """The features of this CPU that compute bf16 natively (AVX512-BF16, AMX tiles), as torch reports them."""
+    """The features of this CPU that compute bf16 natively (AVX512-BF16, AMX tiles), as torch reports them.
+    STEPAGENT_NATIVE_BF16=1 or 0 overrides the probe (so --amp auto picks bf16 or fp32 on any CPU):
+    how the test suite is checked for both kinds of CPU on one machine."""
+    forced = os.environ.get("STEPAGENT_NATIVE_BF16", "")
+    if forced in ("0", "1"):
+        return ["STEPAGENT_NATIVE_BF16"] if forced == "1" else []
+    if forced:
+        sys.exit(f"error: STEPAGENT_NATIVE_BF16={forced!r}: set it to 1 or 0, or unset it")
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
     return [name for name, f in probes.items() if getattr(torch.cpu, f, lambda: False)()]
 

@@ -351,6 +351,7 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_has_it_and_the_config_records_th
     took 20x as long as fp32 on an AVX2 CPU: bench.py amp); the parsed config holds the choice, so a
     run's config.json says which precision it trained in, and a run resumed on a machine that would
     choose otherwise is refused by the config check instead of changing precision halfway."""
+    monkeypatch.delenv("STEPAGENT_NATIVE_BF16", raising=False)  # the probe itself, not the override
     cpu = torch.device("cpu")
     for avx512_bf16, amx, want in [(False, False, "none"), (True, False, "bf16"), (False, True, "bf16")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
@@ -362,6 +363,22 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_has_it_and_the_config_records_th
             assert torch.is_autocast_enabled("cpu") == (want == "bf16")
     with pytest.raises(SystemExit, match="--amp 'fp8': choose auto, bf16, none"):
         S.parse_config(S.Config, ["--amp", "fp8"])
+
+
+def test_native_bf16_override_decides_amp_auto_on_any_cpu(monkeypatch):
+    """STEPAGENT_NATIVE_BF16=1/0 makes --amp auto pick bf16/fp32 whatever the CPU has (the suite is
+    checked both ways on one machine with it); any other value is one line naming the variable."""
+    cpu = torch.device("cpu")
+    for has in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=has: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=has: v)
+        for forced, want in (("1", "bf16"), ("0", "none")):
+            monkeypatch.setenv("STEPAGENT_NATIVE_BF16", forced)
+            assert S.resolve_amp("auto", cpu) == want
+            assert S.parse_config(S.Config, ["--device", "cpu"]).amp == want
+    monkeypatch.setenv("STEPAGENT_NATIVE_BF16", "yes")
+    with pytest.raises(SystemExit, match="STEPAGENT_NATIVE_BF16='yes': set it to 1 or 0"):
+        S.resolve_amp("auto", cpu)
 
 
 def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypatch):
