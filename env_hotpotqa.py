@@ -1,29 +1,18 @@
 """Multi-hop QA in ReAct's HotpotQA setup (Yao et al. 2023), offline.
 
-Mirrors ReAct's Wikipedia environment (wikienv.py): `search[entity]` shows the first 5 sentences of the
-entity's page, or `Could not find X. Similar: [...]`; `lookup[keyword]` shows the next sentence of the
-open page containing the keyword as `(Result k / n) sentence`, then `No more results.`; `finish[answer]`
-ends the episode. The first observation is `Question: ...`; the step limit is 8.
+As ReAct's wikienv.py: `search[entity]` shows the first 5 sentences of the entity's page, or `Could not
+find X. Similar: [...]`; `lookup[keyword]` the open page's next sentence holding the keyword, as `(Result
+k / n) sentence`, then `No more results.`; `finish[answer]` ends the episode. At most 8 steps.
 
-Departures from the original:
-- No Wikipedia. Built-in questions run over a generated knowledge base of fictional people, cities,
-  countries, organisations, films, books and albums, each a short Wikipedia-style page. A fact sits in
-  the first 5 sentences or further down (then only `lookup` finds it), so both are practised.
-- Reward is HotpotQA's answer F1 (the official normalisation and yes/no/noanswer rule) instead of
-  ReAct's fuzzy 0/1 match; success is exact match (EM). F1 is 1 whenever the normalised tokens are
-  equal as multisets, so a reordered answer ("harbour silent") would get F1 1 without EM: the env gives
-  it 0.99 instead, so reward == 1.0 exactly when EM holds.
-- Built-in splits: the bridge (B*) and comparison (C*) templates' questions are partitioned by a hash
-  of the question text into train 80% / dev 10% / test 10%. All splits share the one knowledge base:
-  a test question may ask about an entity that a train question also asks about, never the same
-  question. test_unseen holds the U* templates, question types the other splits never see.
-- Real data: `make_tasks(split, data_file=...)` / `HotpotQAEnv(data_file=...)` read a HotpotQA
-  distractor-format JSON. A question's context paragraphs are its whole corpus, and every question in
-  the file belongs to the split you name (the file is the split). The expert searches each supporting
-  title, looks up the supporting sentences beyond the first 5, and answers.
+Departures: built-in questions run over a generated knowledge base of fictional entities' Wikipedia-style
+pages (a fact past a page's first 5 sentences only `lookup` finds). Reward: HotpotQA's answer F1, not
+ReAct's fuzzy 0/1 match; 1.0 exactly on exact match (success). B*/C* template questions go to train / dev /
+test (80/10/10) by a hash of their text (splits share entities, never questions); test_unseen has the U*
+templates. `data_file=` reads a HotpotQA distractor-format JSON, each question searching its own context.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -49,11 +38,9 @@ def normalize_answer(s: str) -> str:
 
 def f1_score(prediction: str, gold: str) -> float:
     pred, true = normalize_answer(prediction), normalize_answer(gold)
-    # as the official eval: a yes/no/noanswer on either side scores only by being identical
-    if (pred in ("yes", "no", "noanswer") or true in ("yes", "no", "noanswer")) and pred != true:
-        return 0.0
     common = sum((Counter(pred.split()) & Counter(true.split())).values())
-    if common == 0:
+    # as the official eval: a yes/no/noanswer on either side scores only by being identical
+    if common == 0 or ({pred, true} & {"yes", "no", "noanswer"} and pred != true):
         return 0.0
     p, r = common / len(pred.split()), common / len(true.split())
     return 2 * p * r / (p + r)
@@ -64,7 +51,7 @@ def exact_match(prediction: str, gold: str) -> bool:
 
 
 def answer_reward(prediction: str, gold: str) -> float:
-    """F1, with 1.0 kept for exact matches (see the module docstring)."""
+    """F1, with 1.0 kept for exact matches."""
     return 1.0 if exact_match(prediction, gold) else min(f1_score(prediction, gold), PERMUTED_REWARD)
 
 
@@ -77,8 +64,7 @@ FIRST = ("Alder Brisa Cato Delia Emrys Fenna Galen Hesper Ilse Joren Kaia Lysand
          "Quilla Rowan Sabeth Tamsin Ulric Vesna Wendel Xanthe Yorick Zelie Anselm Corra Dorian Elowen Faro "
          "Gisela Hale Isolde Jasper Kestrel Linnea Marek Nerys Osric").split()
 # names are made by joining a word of the first list with a word of the second
-SURNAME = ("Ast Bel Cor Dun Els Far Gal Hol Ith Jar Kel Lor Mar Nor Orv Pel Quen Ros Sal Tor Vask Wen Yar "
-           "Zel",
+SURNAME = ("Ast Bel Cor Dun Els Far Gal Hol Ith Jar Kel Lor Mar Nor Orv Pel Quen Ros Sal Tor Vask Wen Yar Zel",
            "ane brook by dale en ford holt ick ley mere ner ow rick sen ton vale wick worth")
 CITY = ("Tarrow Ashen Brim Caul Dray Eller Fen Grey Harl Ivel Kess Lind Mire Nettle Oak Pell Rave Stour "
         "Umber Vell Yew", "gate haven mouth ford bury stead port holm field minster")
@@ -95,9 +81,8 @@ ORG_KINDS = {"studio": ("film studio", "studio", "Pictures Films Studios"),
              "company": ("manufacturing company", "company", "Industries Holdings Systems Motors")}
 GENRES = {"film": "drama comedy thriller mystery western musical", "book": "crime fantasy historical mystery",
           "album": "folk jazz rock pop soul"}
-# Fact sentences carry lookup keywords (born, founded, headquartered, population, released, directed,
-# produced, written, published, recorded). No filler or name contains one, so a lookup for a fact's
-# keyword finds that fact first (the tests check this).
+# No filler or name holds a fact's lookup keyword (born, founded, headquartered, population, released,
+# directed, produced, written, published, recorded), so a lookup for it finds that fact first.
 FILLERS = {
     "person": ["{s} studied at the University of {city}.", "{s} has received several national awards.",
                "{s} moved to {city} as a young adult.", "{s} is married and has two children.",
@@ -128,15 +113,13 @@ class KB:
 
     def __init__(self, seed: int = 2411):
         rng = self.rng = random.Random(seed)
-        self.pages: dict[str, list[str]] = {}
-        self.fact: dict[tuple[str, str], tuple[int, str]] = {}
+        self.pages, self.fact = {}, {}
         self.demonym = dict(COUNTRIES)
         cities = rng.sample(_names(CITY), 100)
         self.city = {c: dict(country=COUNTRIES[i % 8][0], pop=f"{rng.randrange(20, 2000) * 1000 + i:,}")
                      for i, c in enumerate(cities)}
-        people = rng.sample([f"{f} {s}" for f in FIRST for s in _names(SURNAME)], 430)
+        people, self.person = rng.sample([f"{f} {s}" for f in FIRST for s in _names(SURNAME)], 430), {}
         roles = ["film director"] * 70 + ["novelist"] * 70 + ["singer"] * 70 + ["businessperson"] * 150
-        self.person = {}
         for p, occ in zip(people, roles + ["painter"] * 70):
             city = rng.choice(cities)  # nationality usually, not always, the birthplace's country
             nat = self.city[city]["country"] if rng.random() < 0.6 else rng.choice(COUNTRIES)[0]
@@ -159,11 +142,7 @@ class KB:
                 self.work[t] = dict(kind=kind, by=who, org=rng.choice(orgs),
                                     year=min(2023, self.person[who]["year"] + rng.randrange(22, 55)))
                 self.person[who]["works"].append(t)
-        self._write_pages()
-
-    def _write_pages(self) -> None:
-        rng = self.rng
-        for c, d in self.city.items():
+        for c, d in self.city.items():  # the pages
             self._page(c, "city", f"{c} is a city in {d['country']}.", {
                 "population": (f"As of the 2020 census, {c} had a population of {d['pop']}.", "population"),
                 "founded": (f"{c} was founded in {rng.randrange(1100, 1850)}.", "founded")},
@@ -175,8 +154,7 @@ class KB:
         for p, d in self.person.items():
             s, dem = p.split()[1], self.demonym[d["nat"]]  # later sentences use the surname, as Wikipedia
             facts = {"born": (f"{s} was born in {d['year']} in {d['city']}.", "born")}
-            if "founded" in d:
-                org = d["founded"]
+            if org := d.get("founded"):
                 facts["founded"] = (f"In {self.org[org]['year']}, {s} founded {org}.", "founded")
             if d["works"]:
                 what = {"film director": "films", "novelist": "novels", "singer": "albums"}[d["occ"]]
@@ -201,8 +179,7 @@ class KB:
             self._page(t, d["kind"], f"{t} is a {genre} {noun}.", facts)
 
     def _page(self, title: str, kind: str, opener: str, facts: dict, **fmt) -> None:
-        """Opener first, then the facts and fillers shuffled: with 6-9 sentences a page's fact lies beyond
-        the first 5 (so only lookup finds it) about a third of the time."""
+        """Opener, then facts and fillers shuffled into 6-9 sentences: a fact may lie past the first 5."""
         rng, n = self.rng, self.rng.randrange(6, 10)
         fmt = dict(s=fmt.pop("s", title), city=rng.choice(list(self.city)), country=rng.choice(COUNTRIES)[0],
                    n=rng.randrange(2, 40), k=rng.randrange(2, 9), **fmt)
@@ -218,20 +195,16 @@ class KB:
 # ----------------------------------------------------------------------------- the built-in questions
 
 # Bridge templates: (id, subjects, question, the chain of facts walked; each fact's value is the next page)
-BRIDGE = [("B1", "film", "What year was the director of {x} born?", ["director", "born"]),
-          ("B2", "founder", "In which city is the headquarters of the company founded by {x}?",
-           ["company", "hq"]),
-          ("B3", "book", "What is the nationality of the author of {x}?", ["author", "nationality"]),
+BRIDGE = [("B1", "film", "What year was the director of {x} born?", "director born"),
+          ("B2", "founder", "In which city is the headquarters of the company founded by {x}?", "company hq"),
+          ("B3", "book", "What is the nationality of the author of {x}?", "author nationality"),
           ("B4", "album", "In which country was the performer of the album {x} born?",
-           ["performer", "birthplace", "country"]),
-          ("B5", "film", "Who founded the studio that produced {x}?", ["studio", "founder"]),
-          ("B6", "book", "In which country is the publisher of {x} headquartered?",
-           ["publisher", "hq", "country"]),
-          ("U1", "person", "What is the population of the city where {x} was born?",
-           ["birthplace", "population"]),
-          ("U2", "org", "In what year was the founder of {x} born?", ["founder", "born"]),
-          ("U3", "album", "In what year was the record label that released {x} founded?",
-           ["label", "founded"])]
+           "performer birthplace country"),
+          ("B5", "film", "Who founded the studio that produced {x}?", "studio founder"),
+          ("B6", "book", "In which country is the publisher of {x} headquartered?", "publisher hq country"),
+          ("U1", "person", "What is the population of the city where {x} was born?", "birthplace population"),
+          ("U2", "org", "In what year was the founder of {x} born?", "founder born"),
+          ("U3", "album", "In what year was the record label that released {x} founded?", "label founded")]
 # Comparison templates: (id, subjects, question, fact, how the two values decide: earlier / larger / same)
 COMPARE = [("C1", "org", "Which was founded first, {a} or {b}?", "founded", "earlier"),
            ("C2", "person", "Are {a} and {b} of the same nationality?", "nationality", "same"),
@@ -248,8 +221,7 @@ THEN = {"born": "when that person was born", "birthplace": "where that person wa
 
 
 def _facts(k: KB) -> dict:
-    """fact -> f(subject) = (page, fact key on the page, what the expert needs from it, the value, and the
-    verb of what the page told: "<subject> <verb> <value>")."""
+    """fact -> f(x) = (page, fact key, what the expert needs, the value, verb as in "<x> <verb> <value>")."""
     P, O, W, C = k.person, k.org, k.work, k.city
     return {
         "director": lambda f: (f, "by", f"who directed {f}", W[f]["by"], "was directed by"),
@@ -276,8 +248,7 @@ def _questions(k: KB) -> list[dict]:
     rng, out, fact = random.Random(7), [], _facts(k)
     subjects = {"person": list(k.person), "org": list(k.org), "city": list(k.city),
                 "founder": [p for p, d in k.person.items() if "founded" in d]}
-    for kind in ("film", "book", "album"):
-        subjects[kind] = [t for t, d in k.work.items() if d["kind"] == kind]
+    subjects.update({w: [t for t, d in k.work.items() if d["kind"] == w] for w in ("film", "book", "album")})
 
     def hop(name: str, x: str) -> tuple[dict, str]:
         title, key, need, value, verb = fact[name](x)
@@ -289,12 +260,13 @@ def _questions(k: KB) -> list[dict]:
                         conclusion=conclusion, supporting_facts=[[h["title"], h["sent"]] for h in hops]))
 
     for tpl, subject, text, chain in BRIDGE:
+        then = ", then ".join(THEN[n] for n in chain.split()[1:])  # the plan's later steps
         for x in subjects[subject]:
             hops, value = [], x
-            for name in chain:
+            for name in chain.split():
                 h, value = hop(name, value)
                 hops.append(h)
-            plan = f"I need to find {hops[0]['need']}, then {', then '.join(THEN[n] for n in chain[1:])}."
+            plan = f"I need to find {hops[0]['need']}, then {then}."
             add(tpl, "bridge", text.format(x=x), value, plan, hops, f"So the answer is {value}.")
 
     for tpl, subject, text, name, rule in COMPARE:
@@ -309,50 +281,33 @@ def _questions(k: KB) -> list[dict]:
                 continue
             seen.add(frozenset((a, b)))
             (ha, va), (hb, vb) = hop(name, a), hop(name, b)
-            question = text.format(a=a, b=b)
             plan = f"I need to find {ha['need']} and {hb['need']}, then compare."
             if rule == "same":
-                want_same = not want_same
+                want_same, answer = not want_same, "yes" if va == vb else "no"
                 end = (f"That is the same as for {a}, so the answer is yes." if va == vb else
                        f"That differs from {a} ({va}), so the answer is no.")
-                add(tpl, "comparison", question, "yes" if va == vb else "no", plan, [ha, hb], end)
-                continue
-            na, nb = (int(v.replace(",", "")) for v in (va, vb))
-            if na != nb:  # a tie has no answer
-                win, lose = (a, b) if (na < nb) == (rule == "earlier") else (b, a)
-                end = f"{values[win]} is {rule} than {values[lose]}, so the answer is {win}."
-                add(tpl, "comparison", question, win, plan, [ha, hb], end)
+            elif (na := int(va.replace(",", ""))) == (nb := int(vb.replace(",", ""))):
+                continue  # a tie has no answer
+            else:
+                answer, lose = (a, b) if (na < nb) == (rule == "earlier") else (b, a)
+                end = f"{values[answer]} is {rule} than {values[lose]}, so the answer is {answer}."
+            add(tpl, "comparison", text.format(a=a, b=b), answer, plan, [ha, hb], end)
     return out
 
 
-_KB: KB | None = None
-_QUESTIONS: dict[str, list[dict]] | None = None  # split -> question records
+kb = functools.cache(KB)  # the built-in knowledge base, built once per process
 
 
-def kb() -> KB:
-    global _KB
-    if _KB is None:
-        _KB = KB()
-    return _KB
-
-
+@functools.cache
 def builtin_questions() -> dict[str, list[dict]]:
-    """split -> the built-in question records, built once per process. The partition is fixed, whatever
-    the seed: held-out templates go to test_unseen, the rest by a hash of the question text."""
-    global _QUESTIONS
-    if _QUESTIONS is None:
-        by, seen, count = {s: [] for s in SPLITS}, set(), Counter()
-        for rec in _questions(kb()):
-            if rec["question"] in seen:  # one question text, one task, one split
-                continue
-            seen.add(rec["question"])
-            rec["key"] = f"{rec['template']}-{count[rec['template']]:04d}"
-            count[rec["template"]] += 1
-            h = int(hashlib.md5(rec["question"].encode()).hexdigest()[:8], 16) % 10
-            split = "test_unseen" if rec["template"] in UNSEEN else {0: "dev", 1: "test"}.get(h, "train")
-            by[split].append(rec)
-        _QUESTIONS = by
-    return _QUESTIONS
+    """split -> built-in question records (built once): U* templates in test_unseen, the rest by text hash."""
+    by, count = {s: [] for s in SPLITS}, Counter()
+    for rec in _questions(kb()):  # each question text is made once (pairs are not repeated)
+        rec["key"] = f"{rec['template']}-{count[rec['template']]:04d}"
+        count[rec["template"]] += 1
+        h = int(hashlib.md5(rec["question"].encode()).hexdigest()[:8], 16) % 10
+        by["test_unseen" if rec["template"] in UNSEEN else {0: "dev", 1: "test"}.get(h, "train")].append(rec)
+    return by
 
 
 # ----------------------------------------------------------------------------- real HotpotQA files
@@ -451,15 +406,12 @@ class Corpus:
         return self.by_key.get(_key(entity))
 
     def similar(self, entity: str, k: int = 5) -> list[str]:
-        q, shared = _grams(entity), Counter()
-        for g in q:
-            shared.update(self.index.get(g, ()))
+        q = _grams(entity)
+        shared = Counter(t for g in q for t in self.index.get(g, ()))
         # Jaccard similarity of the trigram sets, best first, ties by title
         score = lambda t: (-shared[t] / (len(q) + len(self.grams[t]) - shared[t]), t)  # noqa: E731
         return heapq.nsmallest(k, shared if len(shared) >= k else self.pages, key=score)
 
-
-_KB_CORPUS: Corpus | None = None
 
 # ----------------------------------------------------------------------------- the environment
 
@@ -467,6 +419,7 @@ _ACTION_RE = re.compile(r"(\w+)\s*\[(.*)\]", re.S)
 _VALID = "Valid actions: search[entity], lookup[keyword], finish[answer]."
 _STOP = set("a an the of in on at to and or is was were be by for with as from that this which who what when "
             "where how its it his her their are has had have".split())
+_kb_corpus = functools.cache(lambda: Corpus(kb().pages))  # the built-in questions' corpus, built once
 
 
 class HotpotQAEnv:
@@ -489,26 +442,21 @@ class HotpotQAEnv:
         if split not in SPLITS:
             raise ValueError(f"hotpotqa has no split {split!r}; choose from {', '.join(SPLITS)}")
         if data_file:
-            path = os.path.abspath(data_file)
-            recs = [(qid, dict(source="hotpotqa", data_file=path, qid=qid, question=r["question"],
-                               answer=r["answer"], type=r["type"], level=r["level"],
+            recs = [(qid, dict(source="hotpotqa", data_file=os.path.abspath(data_file), qid=qid,
+                               question=r["question"], answer=r["answer"], type=r["type"], level=r["level"],
                                supporting_facts=r["supporting_facts"], hops=_real_hops(r)))
                     for qid, r in load_hotpotqa(data_file).items()]
         else:
             recs = [(r["key"], dict(source="kb", **r)) for r in builtin_questions()[split]]
-        order = list(range(len(recs)))
-        random.Random(seed).shuffle(order)
+        random.Random(seed).shuffle(recs)
         # data is a deep copy (via JSON): a caller editing a task must not edit the cached questions
-        return [Task(f"hotpotqa-{split}-{recs[i][0]}", "hotpotqa", split, recs[i][1]["question"],
-                     json.loads(json.dumps(recs[i][1]))) for i in order[:n]]
+        return [Task(f"hotpotqa-{split}-{key}", "hotpotqa", split, d["question"], json.loads(json.dumps(d)))
+                for key, d in recs[:n]]
 
     def _corpus(self, task: Task) -> Corpus:
-        global _KB_CORPUS
         d = task.data
         if d.get("source") != "hotpotqa":
-            if _KB_CORPUS is None:
-                _KB_CORPUS = Corpus(kb().pages)
-            return _KB_CORPUS
+            return _kb_corpus()
         for path in (self.data_file, d["data_file"]):  # the env's own file first: task files may have moved
             rec = load_hotpotqa(path).get(d["qid"]) if path else None
             if rec is not None:
