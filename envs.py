@@ -252,20 +252,33 @@ def _play(args) -> None:
     task = make(args.env, args.split, n=1, seed=args.seed)[0]
     print(env.prompt, "\n")
     print(env.reset(task))
-    for step in range(env.max_steps):
+    plan = [parse_action(t) for t in env.expert(task)]  # fetched once, right after reset (as run_expert)
+    taken: list[str] = []
+    while len(taken) < env.max_steps:
         try:
-            action = input(f"[{step + 1}/{env.max_steps}] > ").strip()
+            action = input(f"[{len(taken) + 1}/{env.max_steps}] > ").strip()
         except EOFError:
             return
-        if action in ("expert", "?"):
-            print("expert:", " | ".join(parse_action(t) for t in env.expert(task)))
+        if action in ("expert", "?"):  # costs no step
+            print(_expert_hint(plan, taken))
             continue
+        taken.append(action)
         obs, reward, done = env.step(action)
         print(obs)
         if done:
             print(f"done: reward {reward:.3f}")
             return
     print("step limit reached")
+
+
+def _expert_hint(plan: list[str], taken: list[str]) -> str:
+    """The expert's actions from here while the player has followed it, else where the paths parted."""
+    same = [normalize_action(parse_action(a)) == normalize_action(p) for a, p in zip(taken, plan)]
+    if all(same) and len(taken) <= len(plan):
+        return "expert, from here: " + (" | ".join(plan[len(taken):]) or "(its plan is done)")
+    j = same.index(False) if not all(same) else len(plan)
+    return (f"you left the expert's path at step {j + 1} (it has no plan from here); "
+            f"its plan from the start: {' | '.join(plan)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -126,3 +126,24 @@ def test_invalid_marks_exactly_the_actions_not_carried_out():
         env.reset(task)
         obs = env.step(env.expert(task)[0])[0]
         assert not envs.invalid(env, obs), (name, obs)
+
+
+def test_play_expert_hint_starts_at_the_current_step_and_costs_no_step():
+    """`envs.py play`: 'expert' shows the expert's actions from where the player is (while on its path),
+    says where the paths parted otherwise, and never uses up a turn."""
+    import subprocess
+    import sys
+    env = envs.load_env("household")
+    task = envs.make("household", "dev", n=1, seed=0)[0]
+    env.reset(task)
+    plan = [envs.parse_action(t) for t in env.expert(task)]
+    typed = ["expert", plan[0], "expert", "look at the ceiling", "expert"]
+    r = subprocess.run([sys.executable, "envs.py", "play", "--env", "household"], input="\n".join(typed) + "\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    hints = [line.split("> ", 1)[1] for line in r.stdout.splitlines() if "expert" in line and "> " in line]
+    assert hints[0] == "expert, from here: " + " | ".join(plan)
+    assert hints[1] == "expert, from here: " + " | ".join(plan[1:])
+    assert hints[2].startswith("you left the expert's path at step 2 ")
+    prompts = [line.split(">")[0] for line in r.stdout.splitlines() if line.startswith("[")]
+    assert prompts[:5] == ["[1/40] ", "[1/40] ", "[2/40] ", "[2/40] ", "[3/40] "]  # one step per action, none per hint
