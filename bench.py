@@ -6,11 +6,12 @@
     python bench.py score      # packed scoring vs one forward per (state, action)
     python bench.py dpo        # one packed step-DPO optimiser step vs the per-pair formulation
     python bench.py pad        # a long and a short row in one update: one padded forward vs length groups
+    python bench.py blocks     # one long packed row: attention by its BlockMask blocks vs one dense mask
     python bench.py rollout    # multi-turn rollouts with keys/values kept across turns vs re-prefilled
     python bench.py amp        # a training step under bf16 autocast vs fp32 on this CPU (what --amp auto picks)
     python bench.py denormals  # a won DPO pair's backward with denormal floats kept vs flushed (model.py's setting)
-    python bench.py all        # everything above (the README's table)
-    python bench.py train --shape 1b --batch 4 --seq 2048   # GPU: SFT / step-DPO tokens/s, MFU (not in all)
+    python bench.py all        # everything above (docs/speed.md's tables)
+    python bench.py train --shape 1b --batch 4 --seq 2048   # GPU: SFT / step-DPO tokens/s, MFU (bench_train.py)
 
 Options: --threads N (default 2, as CI's machine), --smollm2 DIR (converted checkpoint; converted on
 first use into checkpoints/smollm2-135m-instruct), --repeat N. Timings are the median of --repeat
@@ -19,15 +20,26 @@ runs after one warm-up. Absolute times are for this machine only; the ratios are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
+import tempfile
 import time
 
 import torch
 
+import agent as AG
+import attention as AT
+import convert_gguf as GG
 import envs
+import generate as G
 import model as M
+import runtime as RT
+import sft as SFT
+import stepagent as S
+import tokenizer as T
+import bench_train as BT
 
 
 def timeit(fn, repeat: int = 3) -> float:
@@ -44,10 +56,29 @@ def row(*cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
+def header(*cells):
+    """A markdown table's header row and its rule."""
+    row(*cells)
+    row(*["---"] * len(cells))
+
+
+@contextlib.contextmanager
+def patched(obj, **attrs):
+    """obj's attributes set to attrs inside the block (a peer's module setting), put back after."""
+    saved = {k: getattr(obj, k) for k in attrs}
+    try:
+        for k, v in attrs.items():
+            setattr(obj, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(obj, k, v)
+
+
 def smollm2_dir(path: str | None) -> str:
     path = path or os.path.join("checkpoints", "smollm2-135m-instruct")
     if not os.path.exists(os.path.join(path, "config.json")):
-        M.convert_gguf(M.find_smollm2_gguf(), path)
+        GG.convert_gguf(GG.find_smollm2_gguf(), path)
     return path
 
 
@@ -66,8 +97,7 @@ def bench_model(a) -> None:
 
     path = smollm2_dir(a.smollm2)
     print(f"\n## model.py vs transformers (SmolLM2-135M, {torch.get_num_threads()} threads)\n")
-    row("what", "dtype", "ours", "transformers", "ours / transformers")
-    row(*["---"] * 5)
+    header("what", "dtype", "ours", "transformers", "ours / transformers")
     bw = read_bandwidth()
     for dtype in (torch.float32, torch.bfloat16):
         ours, tok = M.load_model(path, dtype=dtype)
@@ -78,7 +108,7 @@ def bench_model(a) -> None:
             prompt = torch.randint(100, 40000, (B, 128), generator=g)
 
             def ours_gen(n):
-                return lambda: M.generate(ours, prompt.tolist(), n, stop_ids=[])
+                return lambda: G.generate(ours, prompt.tolist(), n, stop_ids=[])
 
             def hf_gen(n):
                 return lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -116,8 +146,7 @@ def bench_model(a) -> None:
 
 def bench_env(a) -> None:
     print("\n## built-in environments\n")
-    row("env", "make() 1,000 tasks, first call (s)", "step, median (ms)", "steps timed")
-    row(*["---"] * 4)
+    header("env", "make() 1,000 tasks, first call (s)", "step, median (ms)", "steps timed")
     for name in ("webshop", "household", "hotpotqa"):
         t0 = time.perf_counter()
         tasks = envs.make(name, "train", n=1000, seed=0)
@@ -138,11 +167,9 @@ def bench_env(a) -> None:
 # ----------------------------------------------------------------------------- inspection and scoring
 
 
-def tiny_model(tok: M.Tokenizer) -> M.Transformer:
+def tiny_model(tok: T.Tokenizer) -> M.Transformer:
     """The tiny preset's shape (stepagent.Config defaults), random weights: speed does not depend on them."""
-    import stepagent as S
-
-    return M.Transformer.from_args(S.tiny_args(S.Config(max_seq_len=4096), tok.vocab_size)).eval()
+    return M.Transformer.from_args(SFT.tiny_args(S.Config(max_seq_len=4096), tok.vocab_size)).eval()
 
 
 def ten_step_trajectories(n: int) -> list[dict]:
@@ -163,18 +190,14 @@ def ten_step_trajectories(n: int) -> list[dict]:
 def bench_tokenizer(recs: list[dict], vocab_size: int, repeat: int = 1):
     """The tiny preset's tokenizer trained on the trajectories' text (its files go to a temporary
     folder, removed once the tokenizer is in memory)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
-        return M.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * repeat, vocab_size, d)
+        return T.train_tokenizer([c["value"] for r in recs for c in r["conversations"]] * repeat, vocab_size, d)
 
 
 def models_for_bench(a, as_paths: bool = False):
     """(name, model, tokenizer, trajectories) for the tiny preset and SmolLM2. as_paths: a checkpoint
     folder in place of the model, for benches that load it in a fresh process (the tiny model's
     folder is temporary; SmolLM2 is not loaded here)."""
-    import tempfile
-
     recs = ten_step_trajectories(a.n_traj)
     tok = bench_tokenizer(recs, 2048, repeat=3)
     with tempfile.TemporaryDirectory() as d:
@@ -185,7 +208,20 @@ def models_for_bench(a, as_paths: bool = False):
         yield "tiny preset (random init)", model, tok, recs
     if not a.no_smollm2:
         path = smollm2_dir(a.smollm2)
-        yield "SmolLM2-135M", *((path, M.Tokenizer(path)) if as_paths else M.load_model(path)), recs[:2]
+        yield "SmolLM2-135M", *((path, T.Tokenizer(path)) if as_paths else M.load_model(path)), recs[:2]
+
+
+def adamw_step(model, state: dict, loss_fn):
+    """A timed optimiser step (loss_fn(), backward, AdamW) that starts from the weights `state` each call."""
+    def fn():
+        model.load_state_dict(state)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return fn
 
 
 def in_fresh_process(target, *args):
@@ -202,15 +238,12 @@ def in_fresh_process(target, *args):
 
 
 def bench_inspect(a) -> None:
-    import stepagent as S
-
     print(f"\n## inspection: K={a.k} practices from each of 10 states, {a.new_tokens} new tokens each\n")
-    row("model", "trajectories", "prefix-shared (s)", "naive, fresh prefill per state (s)", "speed-up")
-    row(*["---"] * 5)
+    header("model", "trajectories", "prefix-shared (s)", "naive, fresh prefill per state (s)", "speed-up")
     for name, model, tok, recs in models_for_bench(a):
         items = []
         for r in recs:
-            ids, spans = S.turn_spans(tok, S.to_messages(r))
+            ids, spans = AG.turn_spans(tok, AG.to_messages(r))
             items.append((ids, [s for s, _ in spans]))
 
         def run(fn):
@@ -225,23 +258,18 @@ def bench_inspect(a) -> None:
 
 def score_jobs(tok, recs: list[dict], k: int) -> list[tuple]:
     """(ids, spans, candidates) per trajectory: K made-up candidate actions for every state."""
-    import stepagent as S
-
     jobs = []
     for r in recs:
-        ids, spans = S.turn_spans(tok, S.to_messages(r))
-        cands = [(t, S.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
+        ids, spans = AG.turn_spans(tok, AG.to_messages(r))
+        cands = [(t, AG.turn_ids(tok, f"Thought: candidate {j}.\nAction: go to drawer {j + 1}"))
                  for t in range(len(spans)) for j in range(k)]
         jobs.append((ids, spans, cands))
     return jobs
 
 
 def bench_score(a) -> None:
-    import stepagent as S
-
     print(f"\n## scoring: 10 expert actions + {a.k} candidates per state, per trajectory\n")
-    row("model", "pass", "packed, one row per trajectory (s)", "separate forwards (s)", "speed-up")
-    row(*["---"] * 5)
+    header("model", "pass", "packed, one row per trajectory (s)", "separate forwards (s)", "speed-up")
     for name, model, tok, recs in models_for_bench(a):
         jobs = score_jobs(tok, recs, a.k)
         for grad in ((False, True) if name.startswith("tiny") else (False,)):  # SmolLM2 backward x50: >10 min
@@ -266,8 +294,6 @@ def _pad_step(q, path: str, jobs: list[tuple], slack: float, repeat: int, thread
     """In a fresh process (so its peak RSS is its own): forward + backward of score_packed on jobs."""
     import resource
 
-    import stepagent as S
-
     torch.set_num_threads(threads)
     model, _ = M.load_model(path)
     model.train()
@@ -285,15 +311,11 @@ def _pad_step(q, path: str, jobs: list[tuple], slack: float, repeat: int, thread
 
 
 def bench_pad(a) -> None:
-    """The step-DPO scoring pass (forward + backward) on a batch of one long and one short packed row,
-    the mix that ScienceWorld's traj_batch 2 gives (7,012 and 716 tokens in one update): one padded
-    forward vs score_packed's length groups, each in its own process."""
-    import stepagent as S
-
+    """The step-DPO scoring pass (forward + backward) on one long and one short packed row (ScienceWorld's
+    traj_batch 2 mix): one padded forward vs score_packed's length groups, each in its own process."""
     print("\n## long and short rows in one update: one padded forward vs length groups (forward + backward)\n")
-    row("model", "row tokens", "tokens forwarded, padded / grouped", "padded (s)", "grouped (s)", "speed-up",
-        "peak RSS growth, padded / grouped (GiB)", "same loss")
-    row(*["---"] * 8)
+    header("model", "row tokens", "tokens forwarded, padded / grouped", "padded (s)", "grouped (s)", "speed-up",
+           "peak RSS growth, padded / grouped (GiB)", "same loss")
     for name, path, tok, recs in models_for_bench(a, as_paths=True):
         ids, spans, cands = score_jobs(tok, recs[:1], a.k)[0]  # 10 states, K candidates each
         jobs = [(ids, spans, cands), (ids[:spans[0][1]], spans[:1], [c for c in cands if c[0] == 0])]
@@ -307,14 +329,12 @@ def bench_pad(a) -> None:
 def _saturated_step(q, path: str, recs: list[dict], scale: float, flush: bool, repeat: int, threads: int) -> None:
     """In a fresh process (its worker threads start with `flush`): forward + backward of the summed
     log-probs of whole trajectories, scaled as a won DPO pair scales its gradient."""
-    import stepagent as S
-
     torch.set_flush_denormal(flush)  # before the first parallel op: the worker threads copy it then
     torch.set_num_threads(threads)
     model, tok = M.load_model(path)
     model.train()
-    rows = [tok.encode_chat(S.to_messages(r)) for r in recs]
-    x, tm = S.collate(rows, tok.pad_id, model.device)
+    rows = [tok.encode_chat(AG.to_messages(r)) for r in recs]
+    x, tm = SFT.collate(rows, tok.pad_id, model.device)
 
     def fn():
         model.zero_grad(set_to_none=True)
@@ -331,8 +351,7 @@ def bench_denormals(a) -> None:
     scale = beta * torch.sigmoid(torch.tensor(-z, dtype=torch.float64)).item()  # d loss / d log-prob
     print(f"\n## a won DPO pair's backward (gradient scale beta * sigmoid(-{z:.0f}) = {scale:.1e}): "
           "denormals kept vs flushed\n")
-    row("model", "batch x tokens", "kept (s)", "flushed (s)", "speed-up", "grad norm / scale, kept / flushed")
-    row(*["---"] * 6)
+    header("model", "batch x tokens", "kept (s)", "flushed (s)", "speed-up", "grad norm / scale, kept / flushed")
     for name, path, tok, recs in models_for_bench(a, as_paths=True):
         out = {flush: in_fresh_process(_saturated_step, path, recs[:1], scale, flush, a.repeat, a.threads)
                for flush in (False, True)}
@@ -341,20 +360,16 @@ def bench_denormals(a) -> None:
 
 
 def bench_blocks(a) -> None:
-    """The packed scoring pass (forward + backward) on one long row, trajectory and candidates of a
-    ScienceWorld-length episode (40 steps, K candidates per state): attention by pad_rows' blocks vs
-    the one dense (N, N) mask it replaced, in the same process on the same row."""
-    import stepagent as S
-
+    """The packed scoring pass (forward + backward) on one ScienceWorld-length row (40 steps, K candidates
+    per state): attention by pad_rows' blocks vs the one dense (N, N) mask it replaced, on the same row."""
     print(f"\n## one long packed row (40 steps, K={a.k} candidates per state): block mask vs dense mask (forward + backward)\n")
-    row("model", "trajectory + candidate tokens", "dense mask (s)", "blocks (s)", "speed-up", "attention scores, dense / blocks (a causal block counted whole)", "same loss")
-    row(*["---"] * 7)
+    header("model", "trajectory + candidate tokens", "dense mask (s)", "blocks (s)", "speed-up", "attention scores, dense / blocks (a causal block counted whole)", "same loss")
     recs = ten_step_trajectories(4)  # four 10-step episodes end to end: one 40-step conversation
     long = {**recs[0], "conversations": [c for r in recs for c in r["conversations"][:20]]}
     for name, model, tok, _ in models_for_bench(a):
         ids, spans, cands = score_jobs(tok, [long], a.k)[0]
         r = S.pack_row(ids, spans, cands)
-        tokens, targets, pos, bm, src = S.pad_rows([r], model.device, width=M.attn_width(model))
+        tokens, targets, pos, bm, src = AT.pad_rows([r], model.device, width=AT.attn_width(model))
         model.train()
         model.grad_ckpt = not name.startswith("tiny")  # as the SmolLM2 ScienceWorld runs train
         out = {}
@@ -371,19 +386,16 @@ def bench_blocks(a) -> None:
         model.grad_ckpt = False
         n, L = len(r[0]), len(ids)
         same = math.isclose(out["dense"], out["blocks"], rel_tol=1e-5)
-        row(name, f"{L} + {n - L}", f"{t_d:.2f}", f"{t_b:.2f}", f"{t_d / t_b:.2f}x", f"{n * n / 1e6:.1f}M / {block_scores(bm) / 1e6:.1f}M",
+        row(name, f"{L} + {n - L}", f"{t_d:.2f}", f"{t_b:.2f}", f"{t_d / t_b:.2f}x", f"{n * n / 1e6:.1f}M / {BT.block_scores(bm) / 1e6:.1f}M",
             "yes" if same else f"no: {out['dense']} vs {out['blocks']}")
 
 
 def bench_rollout(a) -> None:
     """Greedy webshop rollouts of a random tiny-preset model (every task runs to the step limit with
     long contexts, a weak novice's worst case): keys/values kept across turns vs re-prefilled."""
-    import stepagent as S
-
     n = 16
     print(f"\n## rollouts: {n} webshop test tasks in lockstep, greedy, tiny preset (random init)\n")
-    row("what", "ChatCache (s)", "re-prefill every turn (s)", "speed-up", "same trajectories")
-    row(*["---"] * 5)
+    header("what", "ChatCache (s)", "re-prefill every turn (s)", "speed-up", "same trajectories")
     env = envs.load_env("webshop")
     tasks = envs.make("webshop", "test", n=n, seed=0)
     recs = [envs.run_expert(env, t) for t in envs.make("webshop", "train", n=200, seed=0)]
@@ -393,84 +405,68 @@ def bench_rollout(a) -> None:
 
     def play(reuse):
         def fn():
-            out[reuse] = S.rollout(model, tok, "webshop", tasks, max_new_tokens=32, batch=n, reuse_cache=reuse)
+            out[reuse] = AG.rollout(model, tok, "webshop", tasks, max_new_tokens=32, batch=n, reuse_cache=reuse)
         return fn
 
     t_c, t_n = timeit(play(True), max(1, a.repeat - 2)), timeit(play(False), max(1, a.repeat - 2))
     same = [r["conversations"] for r in out[True]] == [r["conversations"] for r in out[False]]
     row("rollout to the step limit", f"{t_c:.2f}", f"{t_n:.2f}", f"{t_n / t_c:.1f}x", "yes" if same else "NO")
 
-    # rows that finish at different steps, as a trained agent's turns do: 64 conversations of 1,500
-    # tokens already in a ChatCache (an evaluation's late turns), sampled text where 1 token in 16
-    # ends the turn; each call prefills one token per row and decodes up to 64
+    # rows that finish at different steps (a trained agent's late turns): finished rows dropped at half vs each
     B, L = 64, 1500
     print(f"\n## decoding a turn of {B} cached {L}-token conversations, sampled, a token ending its row with p = 1/16\n")
-    row("what", "drop finished rows at half (s)", "drop each as it finishes (s)", "speed-up", "same tokens")
-    row(*["---"] * 5)
+    header("what", "drop finished rows at half (s)", "drop each as it finishes (s)", "speed-up", "same tokens")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, tok.vocab_size, (B, L), generator=g).tolist()
     stop = list(range(3, tok.vocab_size, 16))
-    cache = M.ChatCache(model, B)
-    M.generate(model, prompts, 1, stop_ids=[], cache=cache)  # fills the cache once; each call below reuses it
+    cache = G.ChatCache(model, B)
+    G.generate(model, prompts, 1, stop_ids=[], cache=cache)  # fills the cache once; each call below reuses it
     got = {}
 
     def gen(at):
         def fn():
-            M.COMPACT_AT = at
-            got[at] = M.generate(model, prompts, 64, temperature=1.0, stop_ids=stop, cache=cache,
+            got[at] = G.generate(model, prompts, 64, temperature=1.0, stop_ids=stop, cache=cache,
                                  generator=torch.Generator().manual_seed(1))[0]
-        return fn
+        with patched(G, COMPACT_AT=at):
+            return timeit(fn, a.repeat)
 
-    saved = M.COMPACT_AT
-    try:
-        t_half, t_each = timeit(gen(0.5), a.repeat), timeit(gen(1.0), a.repeat)
-    finally:
-        M.COMPACT_AT = saved
+    t_half, t_each = gen(0.5), gen(1.0)
     lens = [len(x) for x in got[0.5]]
     row(f"one turn, {min(lens)}-{max(lens)} new tokens per row", f"{t_half:.2f}", f"{t_each:.2f}",
         f"{t_each / t_half:.1f}x", "yes" if got[0.5] == got[1.0] else "NO")
 
-    # conversations past the context: household to its 40-step limit with 64-token random turns; an
-    # overflowing conversation loses its oldest pairs, so its history changes and ChatCache must
-    # prefill it again. Ours frees a quarter of the context at once (stepagent.CONTEXT_CUT) and
-    # prefills rows in groups of similar length (model.PREFILL_SPREAD); the peers drop one pair a
-    # turn (each over-budget turn re-prefills ~2k tokens) and pad every row to the longest
+    # conversations past the context, whose every cut re-prefills: ours (agent.CONTEXT_CUT,
+    # generate.PREFILL_SPREAD) vs dropping one pair a turn, and padding every row to the longest
     n = 16
     print(f"\n## rollouts past the context: {n} household test tasks to the 40-step limit, greedy, "
           "64-token turns, tiny preset (random init, 2,048-token context)\n")
-    row("what", "time (s)", "vs ours", "same trajectories as the row above")
-    row(*["---"] * 4)
+    header("what", "time (s)", "vs ours", "same trajectories as the row above")
     recs = [envs.run_expert(envs.load_env("household"), t) for t in envs.make("household", "train", n=200, seed=0)]
     tok = bench_tokenizer(recs, 1024)
-    model = M.Transformer.from_args(S.tiny_args(S.Config(), tok.vocab_size)).eval()
+    model = M.Transformer.from_args(SFT.tiny_args(S.Config(), tok.vocab_size)).eval()
     tasks = envs.make("household", "test", n=n, seed=0)
     runs = [("ours: free a quarter, prefill in length groups", 0.25, 2.0),
             ("one pair a turn, prefill in length groups", 0.0, 2.0),
             ("one pair a turn, one padded prefill (the earlier code)", 0.0, float("inf"))]
-    prev, t_ours, saved = None, None, (S.CONTEXT_CUT, M.PREFILL_SPREAD)
-    try:
-        for name, cut, spread in runs:
-            S.CONTEXT_CUT, M.PREFILL_SPREAD = cut, spread
+    prev, t_ours = None, None
+    for name, cut, spread in runs:
+        with patched(AG, CONTEXT_CUT=cut), patched(G, PREFILL_SPREAD=spread):
             t = time.perf_counter()  # one run each (about a minute): the sections above warmed up
-            played = S.rollout(model, tok, "household", tasks, max_new_tokens=64, batch=n)
+            played = AG.rollout(model, tok, "household", tasks, max_new_tokens=64, batch=n)
             t = time.perf_counter() - t
-            t_ours = t_ours or t
-            convs = [r["conversations"] for r in played]
-            row(name, f"{t:.1f}", f"{t / t_ours:.1f}x", "-" if prev is None else ("yes" if convs == prev else "no"))
-            prev = convs
-    finally:
-        S.CONTEXT_CUT, M.PREFILL_SPREAD = saved
+        t_ours = t_ours or t
+        convs = [r["conversations"] for r in played]
+        row(name, f"{t:.1f}", f"{t / t_ours:.1f}x", "-" if prev is None else ("yes" if convs == prev else "no"))
+        prev = convs
 
 
 def bench_dpo(a) -> None:
     """One step-DPO optimiser step (forward, loss, backward, AdamW) on the same batch: packed rows
     (train_implicit.StepDPO.update's path) vs two forwards per pair (the per-pair formulation)."""
-    import stepagent as S
     import train_implicit as TI
 
     print(f"\n## step-DPO optimiser step: {a.n_traj} trajectories x 10 states x K={a.k} rejected practices\n")
-    row("model", "pairs", "packed (s)", "per pair (s)", "speed-up", "loss packed", "loss per pair")
-    row(*["---"] * 7)
+    header("model", "pairs", "packed (s)", "per pair (s)", "speed-up", "loss packed", "loss per pair")
     _, model, tok, recs = next(models_for_bench(a))  # the tiny preset only
     model.train()
     ref_model = M.Transformer.from_args(model.args, seed=7).eval()  # any other policy as pi_ref
@@ -481,14 +477,10 @@ def bench_dpo(a) -> None:
     losses = {}
 
     def opt_step(name, logps):
+        step = adamw_step(model, state, lambda: TI.step_dpo_loss(*logps(), *ref, 0.1)[0].mean())
+
         def fn():
-            model.load_state_dict(state)  # every timed step starts from the same weights
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            loss = TI.step_dpo_loss(*logps(), *ref, 0.1)[0].mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[name] = loss.item()
+            losses[name] = step().item()
         return fn
 
     packed = opt_step("packed", lambda: TI.pair_logps(S.score_packed(model, [S.pack_row(*j[:3]) for j in jobs]), jobs)[:2])
@@ -500,183 +492,31 @@ def bench_dpo(a) -> None:
 
 
 def bench_amp(a) -> None:
-    """An SFT optimiser step (forward, sft_loss, backward, AdamW) of the results tables' tiny shape
-    (dim 256, 4 layers: 3.93M with this bench's 2,048-piece vocabulary) on 8 rows of 512 tokens, under bf16 autocast and in fp32, on this CPU;
-    what --amp auto picks here (stepagent.resolve_amp) is the faster one only where bf16 is native."""
-    import stepagent as S
-
+    """An SFT optimiser step of the results tables' tiny shape on 8 x 512 tokens, bf16 autocast vs fp32 on
+    this CPU: what --amp auto (runtime.resolve_amp) should pick, the faster only where bf16 is native."""
     dev = torch.device("cpu")
     cfg = S.Config(dim=256, n_layers=4, n_heads=4)
     print(f"\n## training precision on this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}; native "
-          f"bf16: {', '.join(S.cpu_native_bf16()) or 'none'}; --amp auto picks {S.resolve_amp('auto', dev)})\n")
-    row("step", "model", "bf16 autocast (s)", "fp32 (s)", "bf16 / fp32 time")
-    row(*["---"] * 5)
+          f"bf16: {', '.join(RT.cpu_native_bf16()) or 'none'}; --amp auto picks {RT.resolve_amp('auto', dev)})\n")
+    header("step", "model", "bf16 autocast (s)", "fp32 (s)", "bf16 / fp32 time")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(3, 2048, (8, 512), generator=g)
     tm = torch.ones_like(x, dtype=torch.bool)
     tm[:, 0] = False  # every token but the first a target
-    model = M.Transformer.from_args(S.tiny_args(cfg, 2048)).train()
+    model = M.Transformer.from_args(SFT.tiny_args(cfg, 2048)).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def step(amp):
-        def fn():
-            model.load_state_dict(state)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            with S.autocast(dev, amp):
-                loss = S.sft_loss(model, x, tm)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return fn
+        def loss():
+            with RT.autocast(dev, amp):
+                return SFT.sft_loss(model, x, tm)
+        return adamw_step(model, state, loss)
 
     t_bf16, t_fp32 = timeit(step("bf16"), a.repeat), timeit(step("none"), a.repeat)
     row("SFT, 8 x 512 tokens", "tiny, dim 256 x 4 layers (3.93M)", f"{t_bf16:.2f}", f"{t_fp32:.2f}", f"{t_bf16 / t_fp32:.1f}x")
 
 
-# ----------------------------------------------------------------------------- training throughput and MFU
-
-# random-init Llama shapes: throughput does not depend on the weights, so no checkpoint is needed
-SHAPES = {  # and "tiny": the tiny preset's default shape (stepagent.tiny_args), vocab 2048
-    "smollm2": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                    intermediate_size=1536, rope_theta=100000.0),  # SmolLM2-135M's config.json
-    "1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-               intermediate_size=8192, rope_theta=500000.0),  # Llama-3.2-1B's shape (1.24B parameters)
-}
-# dense bf16 tensor-core FLOP/s (datasheets), the first name found in the device's wins: the PCIe and
-# NVL cards run lower clocks than the SXM ones plain "H100" / "H200" name
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-             "A100": 312e12}
-
-
-def peak_bf16(device_name: str) -> float | None:
-    """The dense bf16 peak of the first PEAK_BF16 name found in the device's name; None if none is."""
-    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-
-
-def train_flops(args: M.ModelArgs, row_lens: list[int], n_targets: int, scores: int | None = None) -> float:
-    """FLOPs of one forward+backward (3x the forward's matrix products) over rows of these lengths:
-    every linear layer on every token, the LM head on the target tokens only (token_logprobs computes
-    logits nowhere else), and attention over `scores` query-key pairs per head and layer: by default
-    dense over each row (PaLM's and nanoGPT's count: the full square, about twice what a causal
-    kernel that skips masked tiles computes); for packed rows, block_scores of their BlockMask."""
-    a = args
-    per_tok = a.n_layers * (a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
-                            + 3 * a.dim * a.intermediate_size)
-    scores = sum(n * n for n in row_lens) if scores is None else scores
-    attn = scores * a.n_layers * a.n_heads * a.head_dim * 2  # QK^T and PV
-    return 3 * 2 * (sum(row_lens) * per_tok + n_targets * a.dim * a.vocab_size + attn)
-
-
-def block_scores(bm: M.BlockMask) -> int:
-    """The query-key pairs a BlockMask's attention computes: each block's rows against its keys
-    (a causal block counted whole); padding, in no block, computes none."""
-    return sum((hi - lo) * (k + hi - lo) for row in bm.blocks for lo, hi, k, _ in row)
-
-
-def bench_train(a) -> None:
-    """Optimiser steps as the train scripts take them (fp32 weights, bf16 autocast, AdamW): an SFT
-    step (stepagent.sft_loss, every token a target) and a packed step-DPO step (score_packed +
-    step_dpo_loss) on random-init shapes; tokens/s and MFU against the device's bf16 peak. Peers in the
-    same run: for SFT, transformers' LlamaForCausalLM of the same config; for step-DPO, the other way
-    model.BlockMask can attend (block by block, or one SDPA call over the whole row). MFU counts the
-    FLOPs the step needs (block_scores): the one-call way computes masked-out pairs on top."""
-    import stepagent as S
-    import train_implicit as TI
-
-    if a.seq < 160:
-        raise SystemExit(f"bench.py train: --seq {a.seq}: at least 160 (a step-DPO row packs 10 expert actions of 16 tokens)")
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak = a.peak_tflops * 1e12 if a.peak_tflops else peak_bf16(name)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    ctx = max(a.seq, 4096)
-    args = S.tiny_args(S.Config(max_seq_len=ctx), 2048) if a.shape == "tiny" else \
-        M.ModelArgs(**SHAPES[a.shape], max_seq_len=ctx, tie_embeddings=True)
-    print(f"\n## training steps, {a.shape} shape (random init), {name}, bf16 autocast, fp32 weights + AdamW\n")
-    row("step", "model", "tokens/step", "tokens/s", "MFU", "vs peer, same run")
-    row(*["---"] * 6)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(3, args.vocab_size, (a.batch, a.seq), generator=g).to(dev)
-    tm = torch.ones_like(x, dtype=torch.bool)
-    tm[:, 0] = False
-    sft_flops = train_flops(args, [a.seq] * a.batch, int(tm.sum()))
-
-    def stepper(model, loss_fn):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
-
-        def fn():
-            with S.autocast(dev, "bf16"):
-                loss = loss_fn(model)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-        return fn
-
-    def report(what, who, t, tokens, flops, peer=""):
-        mfu = f"{flops / t / peak:.1%}" if peak else "n/a"
-        row(what, who, tokens, f"{tokens / t:,.0f}", mfu, peer)
-
-    ours = M.Transformer.from_args(args, device=dev).train()
-    if a.compile:
-        for block in ours.model.layers:  # per block, as torchtitan does: one graph, reused 16-30 times
-            block.compile()
-    sft = stepper(ours, lambda m: S.sft_loss(m, x, tm))
-    t_ours = timeit(sft, a.repeat)
-    del sft  # its AdamW state
-
-    # step-DPO: per row one trajectory of a.seq tokens with 10 expert actions of 16 tokens and K
-    # rejected 16-token practices per state, packed (stepagent.pack_row)
-    L, n_act = a.seq, 16
-    traj = torch.randint(3, args.vocab_size, (L,), generator=g).tolist()
-    spans = [(s, s + n_act) for s in range(L // 10 - n_act, L, L // 10)][:10]
-    cands = [(t, torch.randint(3, args.vocab_size, (n_act,), generator=g).tolist()) for t in range(len(spans))
-             for _ in range(a.k)]
-    pairs = [(t, i) for i, (t, _) in enumerate(cands)]
-    rows = [S.pack_row(traj, spans, cands)] * max(1, a.batch // 2)
-    jobs = [(traj, spans, cands, pairs)] * len(rows)
-    with torch.no_grad(), S.autocast(dev, "bf16"):
-        ref = [r.float() for r in TI.pair_logps(S.score_packed(ours, rows), jobs)[:2]]
-    dpo = stepper(ours, lambda m: TI.step_dpo_loss(*TI.pair_logps(S.score_packed(m, rows), jobs)[:2], *ref, 0.1)[0].mean())
-    n_tok = sum(len(r[0]) for r in rows)
-    dpo_flops = train_flops(args, [len(r[0]) for r in rows], sum(int(r[3].sum()) for r in rows),
-                            block_scores(S.pad_rows(rows, "cpu")[3]))
-    t_dpo = timeit(dpo, a.repeat)
-    BM, saved = M.BlockMask, (M.BlockMask.dense_on, M.BlockMask.dense_max_width)
-    one_call = BM.one_call(dev, args.n_heads * args.head_dim)
-    BM.dense_on, BM.dense_max_width = (dev.type,), 0 if one_call else 1 << 30  # the other way, as the peer
-    try:
-        t_dpo_peer = timeit(dpo, a.repeat)
-    finally:
-        BM.dense_on, BM.dense_max_width = saved
-    n_params = sum(p.numel() for p in ours.parameters())
-    del ours, dpo  # the peer's weights and AdamW state in their place
-    t_hf = None
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**args.to_hf())).to(dev).train()
-        if a.compile:  # the peer compiled the same way, so the ratio is the models', not torch.compile's
-            for layer in hf.model.layers:
-                layer.compile()
-        t_hf = timeit(stepper(hf, lambda m: m(x, labels=x).loss), a.repeat)
-        del hf
-    except ImportError:
-        pass
-    ours_name = "ours" + (" (torch.compile)" if a.compile else "")
-    report("SFT", ours_name, t_ours, x.numel(), sft_flops,
-           f"{t_hf / t_ours:.2f}x" if t_hf else "transformers not installed")
-    if t_hf:
-        report("SFT", "transformers" + (" (torch.compile)" if a.compile else ""), t_hf, x.numel(), sft_flops)
-    ways = ("one SDPA call", "block by block")[::1 if one_call else -1]
-    report(f"step-DPO ({len(pairs)} pairs/row)", f"{ours_name}, {ways[0]}", t_dpo, n_tok, dpo_flops,
-           f"{t_dpo_peer / t_dpo:.2f}x {ways[1]}")
-    report(f"step-DPO ({len(pairs)} pairs/row)", f"{ours_name}, {ways[1]}", t_dpo_peer, n_tok, dpo_flops)
-    print(f"\nparameters: {n_params / 1e6:.1f}M; batch {a.batch} x {a.seq} "
-          f"(step-DPO: {len(rows)} packed rows of {len(rows[0][0])} tokens); MFU against "
-          + (f"{peak / 1e12:.0f} TFLOP/s" if peak else f"nothing: no bf16 peak known for {name} (--peak_tflops)"))
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", nargs="?", default="all", choices=["model", "env", "inspect", "score", "dpo", "pad", "blocks", "rollout", "amp", "denormals", "train", "all"])
     p.add_argument("--threads", type=int, default=2)
@@ -686,18 +526,13 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--n_traj", type=int, default=4)
-    p.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="train: the random-init model")
-    p.add_argument("--batch", type=int, default=4, help="train: SFT rows (step-DPO: half as many packed rows)")
-    p.add_argument("--seq", type=int, default=1024, help="train: tokens per SFT row / per packed trajectory")
-    p.add_argument("--device", default=None, help="train: cuda if there is one, else cpu")
-    p.add_argument("--compile", action="store_true", help="train: torch.compile every transformer block, ours and the peer's")
-    p.add_argument("--peak_tflops", type=float, default=None, help="train: the device's bf16 peak for MFU")
-    a = p.parse_args()
+    BT.add_args(p)  # train's options: --shape --batch --seq --device --compile --peak_tflops
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"bench.py {a.what}: torch {torch.__version__}, {torch.get_num_threads()} threads, repeat {a.repeat}")
     for name, fn in (("env", bench_env), ("model", bench_model), ("inspect", bench_inspect), ("score", bench_score),
                      ("dpo", bench_dpo), ("pad", bench_pad), ("blocks", bench_blocks), ("rollout", bench_rollout), ("amp", bench_amp),
-                     ("denormals", bench_denormals), ("train", bench_train)):
+                     ("denormals", bench_denormals), ("train", BT.bench_train)):
         if a.what == name or (a.what == "all" and name != "train"):  # train: a GPU bench
             fn(a)
 

@@ -3,7 +3,7 @@ sharding of tasks and trajectories by rank, gathering results back, the global b
 gradient all-reduce, and the FSDP2 option. Without torchrun every helper does nothing or returns its
 argument, so one process runs the same numbers bit for bit.
 
-How the scripts use these (stepagent.py's docstring has the whole picture): each rank plays its
+How the scripts use these: each rank plays its
 shard of the evaluation tasks and inspects its shard of the trajectories (`shard`, `gather`); an
 optimiser step takes the one-process global batch, each rank its slice (`shard_batch`) weighted by
 its share of the global count (`shares`); the gradients are summed (`allreduce_grads`) before

@@ -18,11 +18,9 @@ the same DPO loss, summed over all assistant tokens of each trajectory.
 
 Departures / choices: duplicate practices of one state count once; an optional NLL term on the
 expert actions (`--sft_coef`, default 0 = pure step DPO; IPR adds such an SFT loss) keeps their
-likelihood from falling with the rejected ones. Measured on the tiny webshop novice: pure DPO at
-lr 3e-4 drove the expert actions' log-prob from -4.6 to -9.1 in 25 updates and test success from 10%
-to 0%, hence the default lr 1e-4; with --sft_coef 1 the reward rose further, and on webshop seed 2 it
-prevented a collapse of pure step DPO (EXPERIMENTS.md); beta 0.1 as in ETO;
-a trajectory longer than the context is scored on its first max_seq_len tokens.
+likelihood from falling with the rejected ones; the default lr 1e-4 (3e-4 drove the expert actions'
+log-probs down: EXPERIMENTS.md) and beta 0.1 as in ETO; a trajectory longer than the context is
+scored on its first max_seq_len tokens.
 
     python train_implicit.py                          # the main job: tiny preset, webshop, 2 iterations
     python train_implicit.py --level trajectory       # the ETO baseline, same budget
@@ -37,20 +35,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import agent as AG
 import envs
 import model as M
 import parallel as P
+import runtime as RT
+import sft as SFT
 import stepagent as S
+import tokenizer as T
+from runtime import opt
 
 
 @dataclass
 class ImplicitConfig(S.Config):
-    level: str = "step"  # step (StepAgent-Implicit) | trajectory (ETO)
+    level: str = opt("step", "step (StepAgent-Implicit) | trajectory (ETO)")
     CHOICES = {"level": ("step", "trajectory")}  # check_config's (a ClassVar, as S.Config's)
-    beta: float = 0.1  # DPO temperature (ETO's default)
-    dpo_lr: float = 1e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
-    dpo_epochs: int = 1  # passes over one iteration's pairs
-    sft_coef: float = 0.0  # weight of the NLL term on the expert actions (0: pure step DPO; see the docstring)
+    beta: float = opt(0.1, "DPO temperature (ETO's default)")
+    dpo_lr: float = opt(1e-4, "tiny preset; use ~1e-6 for pretrained checkpoints")
+    dpo_epochs: int = opt(1, "passes over one iteration's pairs")
+    sft_coef: float = opt(0.0, "weight of the NLL term on the expert actions (0: pure step DPO; see the docstring)")
 
 
 def step_dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -67,7 +70,7 @@ def step_dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def build_jobs(tok: M.Tokenizer, records: list[dict], steps: list[dict], max_len: int):
+def build_jobs(tok: T.Tokenizer, records: list[dict], steps: list[dict], max_len: int):
     """Per expert trajectory with at least one unmatched practice: (ids, spans, candidates, pairs),
     candidates = (step, token ids) of the unique unmatched practices, pairs = (step, candidate index);
     a trajectory longer than the context max_len is cut to it (turn_spans), with its steps past the cut."""
@@ -81,12 +84,12 @@ def build_jobs(tok: M.Tokenizer, records: list[dict], steps: list[dict], max_len
         per_step = by_traj.get(rec["id"])
         if not per_step:
             continue
-        ids, spans = S.turn_spans(tok, S.to_messages(rec), max_len)
+        ids, spans = AG.turn_spans(tok, AG.to_messages(rec), max_len)
         cands, pairs = [], []
         for t in sorted(t for t in per_step if t < len(spans)):
             for text in sorted(per_step[t]):
                 pairs.append((t, len(cands)))
-                cands.append((t, S.turn_ids(tok, text)))
+                cands.append((t, AG.turn_ids(tok, text)))
         if pairs:
             jobs.append((ids, spans, cands, pairs))
     return jobs
@@ -142,10 +145,10 @@ class StepDPO(S.Method):
         recs = self.records(it)
         steps = S.inspect(model, tok, recs, c.k, c.temperature, c.top_p, c.max_new_tokens, g,
                           f"{c.out}/{self.name}/inspect-{it + 1}.jsonl",
-                          log=S.Log(f"{c.out}/{self.name}/metrics.jsonl"), partial=partial)
+                          log=RT.Log(f"{c.out}/{self.name}/metrics.jsonl"), partial=partial)
         jobs = build_jobs(tok, recs, steps, model.args.max_seq_len)
-        with torch.no_grad(), S.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
-            ref = S.kept_map(lambda j: tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0]),
+        with torch.no_grad(), RT.autocast(model.device, c.amp):  # pi_ref: the policy as the iteration starts
+            ref = RT.kept_map(lambda j: tuple(x.float().cpu() for x in S.score_packed(model, [S.pack_row(*j[:3])])[0]),
                              jobs, partial, "reference log-probs")
         return {"jobs": jobs, "ref": ref}
 
@@ -156,26 +159,14 @@ class StepDPO(S.Method):
         c = self.cfg
         idx, live = P.shard_batch(self.batch(len(data["jobs"]), b, it))  # this rank's slice of the global batch
         jobs = [data["jobs"][i] for i in idx]
-        with S.autocast(model.device, c.amp):
+        with RT.autocast(model.device, c.amp):
             scores = S.score_packed(model, [S.pack_row(*j[:3]) for j in jobs])
         pi_c, pi_r, pi_e = pair_logps(scores, jobs)
         ref_c, ref_r, _ = (x.to(model.device) for x in pair_logps([data["ref"][i] for i in idx], jobs))
         losses, r_c, r_r = step_dpo_loss(pi_c.float(), pi_r.float(), ref_c, ref_r, c.beta)
         w, w_e = P.shares(len(losses) * live, len(pi_e) * live)  # of the global batch's pairs, expert actions
         loss = losses.mean() * w - c.sft_coef * pi_e.float().mean() * w_e
-        return {**dpo_metrics(losses, r_c, r_r, pi_e, w, w_e), **step(model, opt, loss, c)}
-
-
-def step(model, opt, loss, cfg) -> dict:
-    """backward (loss None: the caller has made it), gradients summed over the ranks (torchrun), clip,
-    optimiser step; returns the gradient norm."""
-    if loss is not None:
-        loss.backward()
-    P.allreduce_grads(model)
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return {"grad_norm": gn.item()}
+        return {**dpo_metrics(losses, r_c, r_r, pi_e, w, w_e), "grad_norm": SFT.optim_step(model, opt, c.grad_clip, loss).item()}
 
 
 def encode_trajectory(tok, msgs: list[dict], max_len: int):
@@ -189,7 +180,7 @@ def trajectory_logps(model, encoded: list[tuple], pad_id: int) -> torch.Tensor:
     forward per `S.length_groups` group, as score_packed, so an 8,000-token failed trajectory does not
     pad a 500-token expert one to its length."""
     def forward(rows):
-        x, tm = S.collate(rows, pad_id, model.device)
+        x, tm = SFT.collate(rows, pad_id, model.device)
         return M.token_logprobs(model, x, tm).sum(-1).unbind(0)
     return torch.stack(S.by_length(model, encoded, forward))
 
@@ -203,17 +194,17 @@ class TrajectoryDPO(StepDPO):
         c = self.cfg
         recs = self.records(it)
         by_id = {t.id: t for t in envs.make(c.env, "train", n=c.n_train, seed=c.seed)}
-        played = S.rollout(model, tok, c.env, [by_id[r["id"]] for r in recs], c.temperature, c.top_p,
+        played = AG.rollout(model, tok, c.env, [by_id[r["id"]] for r in recs], c.temperature, c.top_p,
                            c.max_new_tokens, c.eval_batch, generator=g, desc=f"explore {it + 1}", partial=partial)
         L = model.args.max_seq_len
-        pairs = [(encode_trajectory(tok, S.to_messages(e), L), encode_trajectory(tok, S.to_messages(p), L))
+        pairs = [(encode_trajectory(tok, AG.to_messages(e), L), encode_trajectory(tok, AG.to_messages(p), L))
                  for e, p in zip(recs, played) if p["reward"] < e["reward"]]
-        S.Log(f"{c.out}/{self.name}/metrics.jsonl")(
+        RT.Log(f"{c.out}/{self.name}/metrics.jsonl")(
             event="explore", iteration=it + 1, tasks=len(played), failed=len(pairs),
             success=sum(p["success"] for p in played) / max(1, len(played)))
         chunks = [pairs[lo:lo + c.traj_batch] for lo in range(0, len(pairs), c.traj_batch)]  # each rank its share
-        with torch.no_grad(), S.autocast(model.device, c.amp):
-            ref = S.kept_map(lambda chunk: trajectory_logps(model, [p for pr in chunk for p in pr], tok.pad_id)
+        with torch.no_grad(), RT.autocast(model.device, c.amp):
+            ref = RT.kept_map(lambda chunk: trajectory_logps(model, [p for pr in chunk for p in pr], tok.pad_id)
                              .float().cpu().view(-1, 2).unbind(0), chunks, partial, "reference log-probs")
         return {"jobs": pairs, "ref": [r for chunk in ref for r in chunk], "pad_id": tok.pad_id}
 
@@ -228,18 +219,43 @@ class TrajectoryDPO(StepDPO):
         ref = torch.stack([data["ref"][i] for i in idx]).to(model.device)
         out = []
         for part in P.one_at_a_time(model, range(len(idx))):  # positions in idx
-            with S.autocast(model.device, c.amp):
+            with RT.autocast(model.device, c.amp):
                 jobs = [m for k in part for m in data["jobs"][idx[k]]]
                 lp = trajectory_logps(model, jobs, data["pad_id"]).float().view(-1, 2)
             losses, r_c, r_r = step_dpo_loss(lp[:, 0], lp[:, 1], ref[part, 0], ref[part, 1], c.beta)
             ((losses.sum() - c.sft_coef * lp[:, 0].sum()) * w / len(idx)).backward()
             out.append((losses.detach(), r_c, r_r, lp[:, 0].detach()))
         losses, r_c, r_r, chosen = (torch.cat(t) for t in zip(*out))
-        return {**dpo_metrics(losses, r_c, r_r, chosen, w, w), **step(model, opt, None, c)}
+        return {**dpo_metrics(losses, r_c, r_r, chosen, w, w), "grad_norm": SFT.optim_step(model, opt, c.grad_clip).item()}
+
+
+class SFTContinued(S.Method):
+    """The SFT baseline at equal budget: the novice's SFT loss on traj_batch expert trajectories per
+    update, as many updates as StepAgent-Implicit may take per iteration (results.py runs it; see its docstring)."""
+
+    name = "sft-continued"
+
+    def __init__(self, cfg: ImplicitConfig):
+        super().__init__(cfg)
+        self.lr = cfg.dpo_lr
+
+    def collect(self, model, tok, it, g, partial=None):
+        recs = self.records(it)
+        return {"data": SFT.encode_records(tok, recs, model.args.max_seq_len), "n_records": len(recs), "pad_id": tok.pad_id}
+
+    def n_updates(self, data) -> int:
+        return self.cfg.dpo_epochs * math.ceil(data["n_records"] / self.cfg.traj_batch)
+
+    def update(self, model, opt, data, b, it) -> dict:
+        idx = self.batch(len(data["data"]), b, it)
+        x, tm = SFT.collate([data["data"][i] for i in idx], data["pad_id"], model.device)
+        with RT.autocast(model.device, self.cfg.amp):
+            loss = SFT.sft_loss(model, x, tm)
+        return {"losses/sft": loss.item(), "trajectories": len(idx), "grad_norm": SFT.optim_step(model, opt, self.cfg.grad_clip, loss).item()}
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = S.parse_config(ImplicitConfig, sys.argv[1:] if argv is None else argv)
+    cfg = RT.parse_config(ImplicitConfig, sys.argv[1:] if argv is None else argv)
     P.dist_setup(cfg.device)
     method = StepDPO(cfg) if cfg.level == "step" else TrajectoryDPO(cfg)
     S.train_iterations(cfg, method, "StepAgent-Implicit" if cfg.level == "step" else "ETO")

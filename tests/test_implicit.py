@@ -10,7 +10,9 @@ import time
 
 import torch
 
+import agent as AG
 import model as M
+import sft as SFT
 import stepagent as S
 import train_implicit as TI
 from test_stepagent import CONV, tiny  # noqa: F401  (fixture)
@@ -43,7 +45,7 @@ def test_packed_loss_equals_naive_per_pair(tiny):  # noqa: F811
                                                     {"text": "Thought: hm\nAction: click[< Prev]", "match": False}]}]
     jobs = TI.build_jobs(tok, [rec], steps, model.args.max_seq_len)
     assert len(jobs) == 1 and len(jobs[0][3]) == 3  # matches dropped, duplicates counted once
-    full_ids, full_spans = S.turn_spans(tok, S.to_messages(rec))
+    full_ids, full_spans = AG.turn_spans(tok, AG.to_messages(rec))
     cut = full_spans[2][1] - 1  # a context that ends inside step 2's action: step 2 is past the cut
     (c_ids, c_spans, c_cands, c_pairs), = TI.build_jobs(tok, [rec], steps, cut)
     assert c_spans == full_spans[:2] and c_ids == full_ids[:full_spans[2][0]]  # the cut-through action left out
@@ -68,7 +70,7 @@ def test_trajectory_logps_forwards_length_groups(tiny, monkeypatch):  # noqa: F8
     long = CONV[:1] + CONV[1:] * 6  # 43 turns, cut to the 1024-token context, ~9x the others (111)
     enc = [TI.encode_trajectory(tok, m, 1024) for m in (CONV[:2], long, CONV[:4])]
     with torch.no_grad():
-        alone = [M.token_logprobs(model, *S.collate([e], tok.pad_id, "cpu")).sum() for e in enc]
+        alone = [M.token_logprobs(model, *SFT.collate([e], tok.pad_id, "cpu")).sum() for e in enc]
         shapes = []
         real = M.token_logprobs
         monkeypatch.setattr(M, "token_logprobs", lambda m, x, tm, *a: shapes.append(tuple(x.shape)) or real(m, x, tm, *a))

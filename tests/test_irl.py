@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import agent as AG
 import stepagent as S
 import train_irl as TR
 from test_implicit import MICRO, _metrics
@@ -116,12 +117,12 @@ def test_disc_data_erred_keeps_only_states_where_a_practice_missed():
 
 
 def test_collect_cuts_a_trajectory_to_the_context(tiny, tmp_path, monkeypatch):  # noqa: F811
-    """Inverse's jobs: a trajectory longer than the context is cut to it (S.turn_spans' max_len), the
+    """Inverse's jobs: a trajectory longer than the context is cut to it (AG.turn_spans' max_len), the
     states past the cut dropped with their practices, so D and the policy score only what a rollout shows."""
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     rec = {"id": "t0", "conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
                                          for m in CONV]}
-    full_ids, full_spans = S.turn_spans(tok, CONV)
+    full_ids, full_spans = AG.turn_spans(tok, CONV)
     steps = [{"traj_id": "t0", "step": t, "agent": [{"text": "Action: click[8]", "match": False},
                                                      {"text": CONV[2 * t + 1]["content"], "match": True}]}
              for t in (0, 2)]
@@ -139,8 +140,8 @@ def test_collect_cuts_a_trajectory_to_the_context(tiny, tmp_path, monkeypatch): 
 
 
 def _job(tok, texts_by_step):
-    ids, spans = S.turn_spans(tok, CONV)
-    return ids, spans, [(t, S.turn_ids(tok, x)) for t, xs in texts_by_step for x in xs]
+    ids, spans = AG.turn_spans(tok, CONV)
+    return ids, spans, [(t, AG.turn_ids(tok, x)) for t, xs in texts_by_step for x in xs]
 
 
 @pytest.mark.parametrize("n_short", [2, 1])  # a second row padded to the first's length / forwarded on its own

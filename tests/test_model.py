@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
+import attention as AT
+import generate as G
 import model as M
+import runtime as RT
+import sft as SFT
+import stepagent as S
+import tokenizer as T
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,12 +171,11 @@ def test_saved_dtype_is_what_transformers_auto_loads(tmp_path):
 def test_scripts_context_option_loads_a_model_with_a_shorter_window(tmp_path):
     """stepagent's --context is the max_seq_len its loads pass: a Mistral whose sliding window (64) is
     shorter than its context (256) is refused with that advice, and loads when it is followed."""
-    import stepagent as S
 
     d, _ = _saved_hf("mistral-headdim", tmp_path, lambda cfg: cfg.update(sliding_window=64))
     with pytest.raises(ValueError, match="--context 64"):
-        S.load(d, S.Config())
-    model, _ = S.load(d, S.parse_config(S.Config, ["--context", "64"]))
+        SFT.load(d, S.Config())
+    model, _ = SFT.load(d, RT.parse_config(S.Config, ["--context", "64"]))
     assert model.args.max_seq_len == 64
 
 
@@ -180,7 +185,7 @@ def tiny(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tiny"))
     text = ["Thought: I need red shoes.\nAction: search[red shoes]", "Observation: [SEP] B0A1 [SEP] $12.00",
             "click[Buy Now] the quick brown fox jumps over the lazy dog 0123456789"] * 20
-    tok = M.train_tokenizer(text, 400, d)
+    tok = T.train_tokenizer(text, 400, d)
     args = M.ModelArgs(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                        intermediate_size=128, max_seq_len=512, tie_embeddings=True)
     model = M.Transformer.from_args(args, seed=0).eval()
@@ -198,10 +203,10 @@ def _greedy_by_full_forwards(model, prompt, n):
 def test_kv_cached_greedy_equals_full_forwards_and_ragged_batch(tiny):
     model, tok = tiny
     prompts = [tok.encode("Thought: I need"), tok.encode("the quick brown fox jumps over"), tok.encode("B0A1")]
-    batch, lps = M.generate(model, prompts, 12, stop_ids=[])
+    batch, lps = G.generate(model, prompts, 12, stop_ids=[])
     for p, got, lp in zip(prompts, batch, lps):
         assert got == _greedy_by_full_forwards(model, p, 12)
-        alone, alone_lp = M.generate(model, [p], 12, stop_ids=[])
+        alone, alone_lp = G.generate(model, [p], 12, stop_ids=[])
         assert alone[0] == got
         assert torch.allclose(torch.tensor(alone_lp[0]), torch.tensor(lp), atol=1e-5)
         # the returned log-probs are the model's own: rescoring the sequence gives the same numbers
@@ -220,11 +225,11 @@ def test_chat_cache_reuses_turns_and_equals_fresh_prefill(tiny):
     g = torch.Generator().manual_seed(0)
     rnd = lambda n: torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     convs = [rnd(n) for n in (5, 37, 12, 60, 21)]
-    cache, rows = M.ChatCache(model, 5), list(range(5))
+    cache, rows = G.ChatCache(model, 5), list(range(5))
     for turn in range(4):
-        fresh, fresh_lp = M.generate(model, convs, 10, stop_ids=[7, 9])
+        fresh, fresh_lp = G.generate(model, convs, 10, stop_ids=[7, 9])
         kept = [list(c) for c in cache.ids]
-        got, got_lp = M.generate(model, convs, 10, stop_ids=[7, 9], cache=cache)
+        got, got_lp = G.generate(model, convs, 10, stop_ids=[7, 9], cache=cache)
         assert got == fresh
         for a, b in zip(got_lp, fresh_lp):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
@@ -240,20 +245,20 @@ def test_chat_cache_reuses_turns_and_equals_fresh_prefill(tiny):
             convs = [convs[r] for r in rows]
     assert len(cache.ids) == 3
     with pytest.raises(ValueError, match="ChatCache has 3 rows for 2 prompts"):
-        M.generate(model, convs[:2], 4, cache=cache)
+        G.generate(model, convs[:2], 4, cache=cache)
 
 
 def test_chat_cache_prefills_rows_in_length_groups(tiny):
     """Rows are prefilled in groups of similar new-token counts (one long re-prefill must not pad
     every row to its length); grouped or not, in any order, the tokens equal a fresh prefill's."""
     model, _ = tiny
-    assert M._length_groups([5, 37, 12, 60, 21]) == [[1, 3], [2, 4], [0]]  # 60 37 | 21 12 | 5
-    assert M._length_groups([30, 40, 35]) == [[0, 1, 2]]
+    assert G._length_groups([5, 37, 12, 60, 21]) == [[1, 3], [2, 4], [0]]  # 60 37 | 21 12 | 5
+    assert G._length_groups([30, 40, 35]) == [[0, 1, 2]]
     g = torch.Generator().manual_seed(2)
     for lengths in ([30, 40, 35], [3, 90, 8, 44]):  # one group, not longest-first; several groups
         prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
-        fresh, _ = M.generate(model, prompts, 8, stop_ids=[])
-        got, _ = M.generate(model, prompts, 8, stop_ids=[], cache=M.ChatCache(model, len(prompts)))
+        fresh, _ = G.generate(model, prompts, 8, stop_ids=[])
+        got, _ = G.generate(model, prompts, 8, stop_ids=[], cache=G.ChatCache(model, len(prompts)))
         assert got == fresh
 
 
@@ -266,12 +271,12 @@ def test_rows_finishing_early_leave_the_other_rows_unchanged(tiny):
             p.mul_(10 if p.dim() == 2 else 1)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in (4, 30, 9, 17, 25, 6)]
-    free = [M.generate(model, [p], 12, stop_ids=[])[0][0] for p in prompts]
+    free = [G.generate(model, [p], 12, stop_ids=[])[0][0] for p in prompts]
     stop = [free[0][2], free[3][5], free[5][8]]  # rows 0, 3 and 5 (at least) stop early, at different steps
-    alone = [M.generate(model, [p], 12, stop_ids=stop) for p in prompts]
+    alone = [G.generate(model, [p], 12, stop_ids=stop) for p in prompts]
     assert len({len(a[0][0]) for a in alone}) >= 3
-    for cache in (None, M.ChatCache(model, len(prompts))):
-        got, lps = M.generate(model, prompts, 12, stop_ids=stop, cache=cache)
+    for cache in (None, G.ChatCache(model, len(prompts))):
+        got, lps = G.generate(model, prompts, 12, stop_ids=stop, cache=cache)
         for (a_ids, a_lp), ids, lp in zip(alone, got, lps):
             assert ids == a_ids[0]
             assert torch.allclose(torch.tensor(lp), torch.tensor(a_lp[0]), atol=1e-5)
@@ -280,16 +285,16 @@ def test_rows_finishing_early_leave_the_other_rows_unchanged(tiny):
 def test_stop_ids_strings_and_early_finish(tiny):
     model, tok = tiny
     p = tok.encode("Thought: I need")
-    free, _ = M.generate(model, [p], 20, stop_ids=[])
+    free, _ = G.generate(model, [p], 20, stop_ids=[])
     # stop at the 4th greedy token's id: output is everything before its first occurrence
     sid = free[0][3]
-    cut, _ = M.generate(model, [p], 20, stop_ids=[sid])
+    cut, _ = G.generate(model, [p], 20, stop_ids=[sid])
     assert cut[0] == free[0][: free[0].index(sid)]
     # a stop string: generation ends at the token that completes it
     text4 = tok.decode(free[0][:4])
     target = text4[-2:] if len(text4.strip()) >= 2 else None
     if target:
-        got, _ = M.generate(model, [p, tok.encode("B0A1")], 20, stop=[target], stop_ids=[], tokenizer=tok)
+        got, _ = G.generate(model, [p, tok.encode("B0A1")], 20, stop=[target], stop_ids=[], tokenizer=tok)
         assert target in tok.decode(got[0]) and len(got[0]) <= 4
         assert target not in tok.decode(got[0][:-1])
 
@@ -298,19 +303,19 @@ def test_sampling_respects_top_k_and_generator(tiny):
     model, tok = tiny
     p = [tok.encode("the quick")]
     g = lambda s: torch.Generator().manual_seed(s)
-    a, _ = M.generate(model, p, 8, temperature=1.0, generator=g(3), stop_ids=[])
-    b, _ = M.generate(model, p, 8, temperature=1.0, generator=g(3), stop_ids=[])
+    a, _ = G.generate(model, p, 8, temperature=1.0, generator=g(3), stop_ids=[])
+    b, _ = G.generate(model, p, 8, temperature=1.0, generator=g(3), stop_ids=[])
     assert a == b
-    greedy, _ = M.generate(model, p, 8, stop_ids=[])
-    k1, _ = M.generate(model, p, 8, temperature=1.0, top_k=1, generator=g(4), stop_ids=[])
+    greedy, _ = G.generate(model, p, 8, stop_ids=[])
+    k1, _ = G.generate(model, p, 8, temperature=1.0, top_k=1, generator=g(4), stop_ids=[])
     assert k1 == greedy  # top-k 1 is greedy
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
-    draws = {int(M.sample(logits, 1.0, top_p=0.5, generator=g(i))) for i in range(30)}
+    draws = {int(G.sample(logits, 1.0, top_p=0.5, generator=g(i))) for i in range(30)}
     assert draws == {1}  # the smallest set reaching mass 0.5 is the top token alone
     exact = torch.tensor([[0.5, 0.25, 0.25]]).log()  # the top token's mass is exactly top_p (0.5 in float32)
-    assert {int(M.sample(exact, 1.0, top_p=0.5, generator=g(i))) for i in range(30)} == {0}
-    assert {int(M.sample(exact, 1.0, top_p=0.0, generator=g(i))) for i in range(30)} == {0}
-    two = {int(M.sample(exact, 1.0, top_p=0.75, generator=g(i))) for i in range(60)}
+    assert {int(G.sample(exact, 1.0, top_p=0.5, generator=g(i))) for i in range(30)} == {0}
+    assert {int(G.sample(exact, 1.0, top_p=0.0, generator=g(i))) for i in range(30)} == {0}
+    two = {int(G.sample(exact, 1.0, top_p=0.75, generator=g(i))) for i in range(60)}
     assert len(two) == 2 and 0 in two  # 0.75 is reached by two tokens: the third (tied) is dropped
 
 
@@ -358,7 +363,6 @@ def test_grad_ckpt_same_logprobs_and_gradients_with_less_stored(tiny):
     """--grad_ckpt: a packed row's log-probs and every gradient are those without it (fp32 and
     under bf16 autocast), while the tensors autograd stores in forward shrink (the blocks'
     activations are recomputed in backward instead)."""
-    import stepagent as S
 
     model, _ = tiny
     model = copy.deepcopy(model).requires_grad_(True)
@@ -372,7 +376,7 @@ def test_grad_ckpt_same_logprobs_and_gradients_with_less_stored(tiny):
         def keep(t):
             stored[0] += t.numel() * t.element_size()
             return t
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), S.autocast(model.device, amp):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), RT.autocast(model.device, amp):
             (e, c), = S.score_packed(model, [row])
         loss = e.sum() - 2 * c.sum()
         loss.backward()
@@ -417,7 +421,7 @@ def test_other_chat_formats_render_and_mask(fmt, template, special, tmp_path):
     bos, eos = special[0], special[-1]
     json.dump({"bos_token": bos, "eos_token": eos, "chat_template": template},
               open(tmp_path / "tokenizer_config.json", "w"))
-    tok = M.Tokenizer(str(tmp_path))
+    tok = T.Tokenizer(str(tmp_path))
     assert tok.format == fmt
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "general kenobi"}]
@@ -543,7 +547,7 @@ def test_default_system_is_the_texts_not_the_templates_code(tmp_path):
     """A Qwen2.5-style template opens a system turn in its tools branch too, around Jinja code: the default
     system prompt is the literal turn's text, and chats without a system message render as transformers'."""
     d = _chat_tokenizer(tmp_path, QWEN25_STYLE, ["<|im_start|>", "<|im_end|>"])
-    tok = M.Tokenizer(d)
+    tok = T.Tokenizer(d)
     assert tok.format == "chatml"
     assert tok.default_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
     _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d))
@@ -557,11 +561,11 @@ def test_chat_template_jinja_is_read_and_kept(tmp_path):
     hf_tok.save_pretrained(tmp_path / "b")
     assert os.path.exists(tmp_path / "b" / "chat_template.jinja")
     assert "chat_template" not in json.load(open(tmp_path / "b" / "tokenizer_config.json"))
-    tok = M.Tokenizer(str(tmp_path / "b"))
+    tok = T.Tokenizer(str(tmp_path / "b"))
     _assert_renders_as_transformers(tok, hf_tok)
     os.makedirs(tmp_path / "c")
     tok.save(str(tmp_path / "c"))
-    _assert_renders_as_transformers(M.Tokenizer(str(tmp_path / "c")), hf_tok)
+    _assert_renders_as_transformers(T.Tokenizer(str(tmp_path / "c")), hf_tok)
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "c")).chat_template == hf_tok.chat_template
 
 
@@ -572,7 +576,7 @@ def test_llama31_system_block_and_llama30_unchanged(tmp_path):
     special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     for name, template in (("31", LLAMA31_STYLE), ("30", LLAMA30_STYLE)):
         d = _chat_tokenizer(tmp_path / name, template, special)
-        tok = M.Tokenizer(d)
+        tok = T.Tokenizer(d)
         assert tok.format == "llama3"
         _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d), date_string="26 Jul 2024")
         assert ("Cutting Knowledge Date" in tok.render_chat(_TURNS[:1])[0]) == (name == "31")
@@ -582,7 +586,7 @@ def test_llama2_template_renders_as_transformers(tmp_path):
     """Llama 2's template (<<SYS>>) is the llama2 format, whitespace kept and stripped as the template does
     (the first user turn's leading spaces stay after the system block)."""
     d = _chat_tokenizer(tmp_path, LLAMA2_STYLE, ["<s>", "</s>"], metaspace=True)
-    tok = M.Tokenizer(d)
+    tok = T.Tokenizer(d)
     assert tok.format == "llama2"
     _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d))
 
@@ -593,7 +597,7 @@ def test_mistral_templates_render_as_transformers(tmp_path):
     generation prompt's tokens, and exactly the assistant mask there."""
     for v3 in (False, True):
         d = _chat_tokenizer(tmp_path / f"v{int(v3)}", _mistral_style(v3), ["<s>", "</s>"], metaspace=True)
-        tok = M.Tokenizer(d)
+        tok = T.Tokenizer(d)
         assert tok.format == "mistral"
         _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(d))
         # v0.3 moves the system text to the last message: with one, a prompt is no prefix of its reply's chat
@@ -602,7 +606,7 @@ def test_mistral_templates_render_as_transformers(tmp_path):
             full, mask = tok.encode_chat(prior + [_TURNS[1]])
             assert full[:len(prompt)] == prompt and mask == prompt_mask + [1] * (len(full) - len(prompt))
     # v0.1's first template: no space before a reply, one after its eos (not the reply's: unmasked)
-    tok = M.Tokenizer(_chat_tokenizer(tmp_path / "v01", MISTRAL_V01_FIRST, ["<s>", "</s>"], metaspace=True))
+    tok = T.Tokenizer(_chat_tokenizer(tmp_path / "v01", MISTRAL_V01_FIRST, ["<s>", "</s>"], metaspace=True))
     assert tok.format == "mistral"
     _assert_renders_as_transformers(tok, transformers.AutoTokenizer.from_pretrained(str(tmp_path / "v01")),
                                     chats=[_TURNS, _TURNS[:3], _TURNS[:1]])
@@ -614,7 +618,7 @@ def test_plain_generation_prompt_is_a_token_prefix_of_the_chat(tmp_path):
     """The plain format's generation prompt "Assistant:" leaves the space to the reply, which a tokenizer
     merges into its first word: the prompt's ids are a prefix of the chat with the reply, and the reply's
     tokens (space, content, eos) are exactly the assistant mask."""
-    tok = M.Tokenizer(_chat_tokenizer(tmp_path, "", ["<s>", "</s>"], chat_format="plain"))
+    tok = T.Tokenizer(_chat_tokenizer(tmp_path, "", ["<s>", "</s>"], chat_format="plain"))
     assert tok.format == "plain"
     for prior in (_TURNS[:1], _SYS + _TURNS[:3]):
         prompt, prompt_mask = tok.encode_chat(prior, add_generation_prompt=True)
@@ -685,7 +689,7 @@ def test_save_is_atomic_over_an_existing_checkpoint(tiny, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise KeyboardInterrupt  # an interrupt in the middle of writing the new checkpoint
 
-    monkeypatch.setattr(M.Tokenizer, "save", boom)
+    monkeypatch.setattr(T.Tokenizer, "save", boom)
     with pytest.raises(KeyboardInterrupt):
         M.save_model(model, tok, str(tmp_path / "ck"))
     assert open(tmp_path / "ck" / "model.safetensors", "rb").read() == before
@@ -725,7 +729,7 @@ def test_a_save_killed_between_its_renames_is_restored(tiny, tmp_path, monkeypat
 
 
 def test_bench_peak_names_the_card():
-    import bench
+    import bench_train as bench  # the training bench's FLOP counts and peaks
     assert bench.peak_bf16("NVIDIA H100 80GB HBM3") == bench.peak_bf16("NVIDIA H200") == 989e12  # SXM
     assert bench.peak_bf16("NVIDIA H100 PCIe") == 756e12 and bench.peak_bf16("NVIDIA H100 NVL") == 835e12
     assert bench.peak_bf16("NVIDIA H200 NVL") == 835e12 and bench.peak_bf16("cpu") is None
@@ -735,8 +739,7 @@ def test_bench_train_flops_equal_torchs_count():
     """bench.py train's MFU numerator: the formula equals torch's own count of the matrix products
     of a forward+backward (math attention, so the attention products are counted too), for an SFT
     batch and for padded packed step-DPO rows (GQA, a partial target mask)."""
-    import bench
-    import stepagent as S
+    import bench_train as bench  # the training bench's FLOP counts and peaks
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -752,14 +755,14 @@ def test_bench_train_flops_equal_torchs_count():
     x = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     tm = torch.rand(3, 40, generator=torch.Generator().manual_seed(1)) < 0.5
     tm[:, 0] = False
-    assert counted(lambda: S.sft_loss(m, x, tm)) == bench.train_flops(args, [40] * 3, int(tm.sum()))
+    assert counted(lambda: SFT.sft_loss(m, x, tm)) == bench.train_flops(args, [40] * 3, int(tm.sum()))
     traj, spans = list(range(3, 63)), [(10, 15), (30, 36), (50, 55)]
     cands = [(t, [5, 6, 7]) for t in range(3) for _ in range(2)]
     rows = [S.pack_row(traj, spans, cands), S.pack_row(traj[:30], spans[:1], cands[:2])]
     N = max(len(r[0]) for r in rows)  # the shorter row is padded to N: the counted work
     n_targets = sum(int(r[3].sum()) for r in rows)
     got = counted(lambda: sum(e.sum() + c.sum() for e, c in S.score_packed(m, rows, slack=math.inf)))
-    scores = bench.block_scores(S.pad_rows(rows, "cpu")[3])  # the trajectory blocks and the candidates'
+    scores = bench.block_scores(AT.pad_rows(rows, "cpu")[3])  # the trajectory blocks and the candidates'
     assert scores == 60 * 60 + 18 * (50 + 18) + 30 * 30 + 6 * (10 + 6) < 2 * N * N  # 6 candidates seeing up to step 2
     assert got == bench.train_flops(args, [N] * len(rows), n_targets, scores)
 

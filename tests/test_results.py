@@ -15,8 +15,11 @@ import sys
 
 import pytest
 
+import report as RP
 import results as R
 from test_implicit import MICRO, _run
+import sft as SFT
+import stepagent as S
 
 SPLITS = ("test", "test_unseen")
 # MICRO with the table's --envs / --seeds in place of --env: hotpotqa, 2 seeds, 2 test tasks, 2 iterations
@@ -24,12 +27,12 @@ TABLE = [*MICRO[2:], "--envs", "hotpotqa", "--seeds", "0,1", "--traj_batch", "3"
 
 
 def test_mean_spread_by_hand():
-    m, sd = R.mean_spread([0.1, 0.2, 0.6])  # mean 0.3; squared deviations 0.04 + 0.01 + 0.09 = 0.14, / (3 - 1)
+    m, sd = RP.mean_spread([0.1, 0.2, 0.6])  # mean 0.3; squared deviations 0.04 + 0.01 + 0.09 = 0.14, / (3 - 1)
     assert abs(m - 0.3) < 1e-12 and abs(sd - math.sqrt(0.07)) < 1e-12
-    assert R.mean_spread([0.5]) == (0.5, None) and R.mean_spread([1.0, 1.0]) == (1.0, 0.0)
-    assert R.fmt({0: 0.1, 1: 0.2, 2: 0.6}, 3) == "0.300 ± 0.265"
-    assert R.fmt({0: 0.25}, 1) == "0.250"
-    assert R.fmt({1: 0.1}, 2) == "0.100 (1/2 seeds)" and R.fmt({}, 2) == "—"
+    assert RP.mean_spread([0.5]) == (0.5, None) and RP.mean_spread([1.0, 1.0]) == (1.0, 0.0)
+    assert RP.fmt({0: 0.1, 1: 0.2, 2: 0.6}, 3) == "0.300 ± 0.265"
+    assert RP.fmt({0: 0.25}, 1) == "0.250"
+    assert RP.fmt({1: 0.1}, 2) == "0.100 (1/2 seeds)" and RP.fmt({}, 2) == "—"
 
 
 def _summary_path(out, seed, run, split):
@@ -96,13 +99,13 @@ def _tasks_text(out, a, b, split="test", seeds=(0, 1)):
         return {r["task"]["id"] for r in json.load(open(path)) if r["reward"] == 1.0}  # hotpotqa: success = exact match
     x = sum(len(ok(a, s) - ok(b, s)) for s in seeds)
     y = sum(len(ok(b, s) - ok(a, s)) for s in seeds)
-    return f"tasks solved by it alone {x}, by the other alone {y}: sign test p = {R.sign_test(x, y):.2g}"
+    return f"tasks solved by it alone {x}, by the other alone {y}: sign test p = {RP.sign_test(x, y):.2g}"
 
 
 def test_sign_test_by_hand():
     # 3 vs 13 discordant: 2 * (C(16,0) + C(16,1) + C(16,2) + C(16,3)) / 2^16 = 2 * 697 / 65536
-    assert R.sign_test(3, 13) == R.sign_test(13, 3) == 2 * 697 / 65536
-    assert R.sign_test(0, 6) == 2 / 64 and R.sign_test(5, 5) == 1.0 and R.sign_test(0, 0) == 1.0
+    assert RP.sign_test(3, 13) == RP.sign_test(13, 3) == 2 * 697 / 65536
+    assert RP.sign_test(0, 6) == 2 / 64 and RP.sign_test(5, 5) == 1.0 and RP.sign_test(0, 0) == 1.0
 
 
 def test_verdicts_show_reward_where_success_ties():
@@ -113,21 +116,21 @@ def test_verdicts_show_reward_where_success_ties():
     ours, base = R.OURS[0], R.BASELINES[0]
     cells[ours, "test"] = {0: 0.0, 1: 0.5}  # a seed the baseline lacks: judged on seed 0 alone
     rewards[ours, "test"] = {0: 0.25, 1: 0.9}
-    lines = {x.split(":")[0]: x for x in R.verdicts(cells, 2, ("test",), rewards=rewards)}
+    lines = {x.split(":")[0]: x for x in RP.verdicts(cells, 2, ("test",), rewards=rewards)}
     first = lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
     assert first.endswith("test (seed 0 so far) success 0.000 vs 0.000, **does not beat it** "
                           f"(equal; average reward 0.250 vs {rewards[base, 'test'][0]:.3f})")
     cells[ours, "test"] = {0: 0.5}  # success differs: judged on it, no reward shown
-    lines = {x.split(":")[0]: x for x in R.verdicts(cells, 1, ("test",), rewards=rewards)}
+    lines = {x.split(":")[0]: x for x in RP.verdicts(cells, 1, ("test",), rewards=rewards)}
     assert "reward" not in lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
     del rewards[base, "test"]  # a reward missing: nothing to show, the success verdict stands alone
     cells[ours, "test"] = {0: 0.0}
-    lines = {x.split(":")[0]: x for x in R.verdicts(cells, 1, ("test",), rewards=rewards)}
+    lines = {x.split(":")[0]: x for x in RP.verdicts(cells, 1, ("test",), rewards=rewards)}
     assert lines[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"].endswith("success 0.000 vs 0.000, **does not beat it** (equal)")
     a, b = [55 / 200, 59 / 200, 33 / 200], [59 / 200, 34 / 200, 54 / 200]  # 147 tasks each, summed in other orders
     assert sum(a) / 3 != sum(b) / 3  # floats: the two means differ in the last bit
     cells = {**cells, (ours, "test"): dict(enumerate(a)), (base, "test"): dict(enumerate(b))}
-    line = {x.split(":")[0]: x for x in R.verdicts(cells, 3, ("test",))}[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
+    line = {x.split(":")[0]: x for x in RP.verdicts(cells, 3, ("test",))}[f"- {R.LABEL[ours]} vs {R.LABEL[base]}"]
     assert "success 0.245 vs 0.245, **does not beat it** (equal; 1/3 seeds higher" in line
 
 
@@ -147,20 +150,20 @@ def test_updates_count_only_a_finished_iteration(tmp_path):
     run.mkdir()
     steps = [{"step": s, "iteration": 1 + (s > 2), "losses/dpo": 0.6} for s in (1, 2, 3)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
-    assert R.updates(str(tmp_path), "implicit", 1) is None and R.updates(str(tmp_path), "implicit", 2) is None
+    assert RP.updates(str(tmp_path), "implicit", 1) is None and RP.updates(str(tmp_path), "implicit", 2) is None
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "iteration", "iteration": 1, "test_success": 0.1}) + "\n")
-    assert R.updates(str(tmp_path), "implicit", 1) == 2 and R.updates(str(tmp_path), "implicit", 2) is None
+    assert RP.updates(str(tmp_path), "implicit", 1) == 2 and RP.updates(str(tmp_path), "implicit", 2) is None
     # a step logged twice (killed after logging it, before saving it; the rerun did it again) counts once
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run / "metrics.jsonl").write_text(lines[0] + "".join(lines))
-    assert R.updates(str(tmp_path), "implicit", 1) == 2
+    assert RP.updates(str(tmp_path), "implicit", 1) == 2
     # the novice likewise: 2 pretraining + 4 SFT epochs (novice.json), stopped after epoch 3 of them
     (tmp_path / "sft").mkdir()
     (tmp_path / "novice.json").write_text(json.dumps({"preset": "tiny", "sft_epochs": 4, "pretrain_epochs": 2}))
     for epoch, want in ((3, None), (6, 750)):
         (tmp_path / "sft" / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": 125 * epoch}))
-        assert R.updates(str(tmp_path), "novice", 2) == want
+        assert RP.updates(str(tmp_path), "novice", 2) == want
 
 
 def test_signals_by_hand(tmp_path):
@@ -176,12 +179,12 @@ def test_signals_by_hand(tmp_path):
         ev = [{"event": "disc", "iteration": 1, "disc/acc_expert": 0.25 + shift, "losses/disc": 0.5},
               {"event": "iteration", "iteration": 1}, {"step": 10, "iteration": 2, "policy/clip_frac": 100.0}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in d + ev[:1] + pg + ev[1:]))
-    got = R.signals(str(tmp_path / "hotpotqa-seed0"), "inverse")
+    got = RP.signals(str(tmp_path / "hotpotqa-seed0"), "inverse")
     assert list(got) == ["1"]  # iteration 2 has not finished
     assert got["1"]["clip fraction"] == [3.0, 6.0]  # median(1, 2, 3, 4, 50), median(3, 4, 50, 6, 7)
     assert got["1"]["D accuracy on expert actions"] == 0.25 and got["1"]["D loss"] == 0.5
     assert "D accuracy on agent actions" not in got["1"]
-    rows = {x.split(" | ")[1]: x for x in R.signals_section(cfg, "hotpotqa") if x.startswith("| StepAgent-Inverse")}
+    rows = {x.split(" | ")[1]: x for x in RP.signals_section(cfg, "hotpotqa") if x.startswith("| StepAgent-Inverse")}
     assert rows["clip fraction"] == "| StepAgent-Inverse | clip fraction | 3.5 → 6.5 | — |"  # seeds 3 -> 6, 4 -> 7
     assert rows["D accuracy on expert actions"] == "| StepAgent-Inverse | D accuracy on expert actions | 0.75 | — |"
     assert set(rows) == {"clip fraction", "D accuracy on expert actions", "D loss"}
@@ -297,7 +300,7 @@ def test_table_end_to_end(tmp_path):
     records.write_text(json.dumps({"commands": saved["commands"], "cells": {}}))
     _run(["report", "--out", out, "--results", res], script="results.py")
     kept = open(res).read()
-    assert R.KEPT_NOTE in kept and kept.replace(R.KEPT_NOTE + "\n\n", "") == md
+    assert RP.KEPT_NOTE in kept and kept.replace(RP.KEPT_NOTE + "\n\n", "") == md
 
 
 def test_sweep_k_micro(tmp_path, monkeypatch):
@@ -412,7 +415,7 @@ def test_a_cell_made_in_parts_on_machines_without_runs(tmp_path):
     one = _expected(out + "-lost", "sft-continued", "test", "success_rate", seeds=(1,))
     assert _rows(open(res).read())["SFT-continued"][0] == f"{one} (1/2 seeds)" and runs_kept(1) == kept[1]
     sec, = json.load(open(records))["cells"].values()
-    assert sec["hotpotqa-seed1/sft-continued#novice"] == sec[novice_test + "#novice"] == R.novice_digest(
+    assert sec["hotpotqa-seed1/sft-continued#novice"] == sec[novice_test + "#novice"] == RP.novice_digest(
         os.path.join(out, "hotpotqa-seed1"))
 
 
@@ -421,10 +424,9 @@ def test_table_with_a_model_folder_preset_on_an_env_without_test_unseen(tmp_path
     <out>/<folder name>/<env>-seed<seed>, RESULTS.md gets a section of its own beside the tiny table's,
     test_unseen is n/a there (never evaluated), and the verdicts are on test alone."""
     pytest.importorskip("textworld_express")
-    import stepagent as S
     # a micro from-scratch model in the Hugging Face layout, standing in for a real checkpoint
     cfg = S.Config(env="hotpotqa", n_train=6, out=str(tmp_path / "make"), vocab_size=300, dim=32, n_layers=1, n_heads=2)
-    S._make_tiny_base(cfg, S.expert_data(cfg), str(tmp_path / "micro-llama"))
+    SFT._make_tiny_base(cfg, SFT.expert_data(cfg), str(tmp_path / "micro-llama"))
     out, res = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
     i = MICRO.index("--iterations")
     args = [*MICRO[2:i], *MICRO[i + 2:], "--iterations", "1", "--envs", "textworld-express", "--seeds", "0",
@@ -487,15 +489,15 @@ def test_previous_keeps_a_section_or_one_env_block_with_a_note(monkeypatch):
     head = ["## Methods on the built-in environments", "", "Command: `python results.py table`"]
     old = ["# Results", "", *head, "", "Seeds 0.", "", "### webshop", "", "| a |", "", "### hotpotqa", "", "| b |", "",
            "## Sweep: test success against iterations", "", "Command: `python results.py sweep`", "", "| c |", ""]
-    monkeypatch.setitem(R._REC, "before", "\n".join(old))
-    assert R.previous(head, "webshop") == ["", "### webshop", "", R.KEPT_NOTE, "", "| a |"]
-    assert R.previous(head, "hotpotqa") == ["", "### hotpotqa", "", R.KEPT_NOTE, "", "| b |"]
-    assert R.previous(head, "household") is None
-    assert R.previous([*head[:2], "Command: `python results.py table --seeds 0`"]) is None  # another command
-    section = R.previous(head)
-    assert section == [*head, "", R.KEPT_NOTE, "", *old[6:15]]
-    monkeypatch.setitem(R._REC, "before", "\n".join(["# Results", "", *section]))
-    assert R.previous(head) == section  # kept again: still one note
+    monkeypatch.setitem(RP._REC, "before", "\n".join(old))
+    assert RP.previous(head, "webshop") == ["", "### webshop", "", RP.KEPT_NOTE, "", "| a |"]
+    assert RP.previous(head, "hotpotqa") == ["", "### hotpotqa", "", RP.KEPT_NOTE, "", "| b |"]
+    assert RP.previous(head, "household") is None
+    assert RP.previous([*head[:2], "Command: `python results.py table --seeds 0`"]) is None  # another command
+    section = RP.previous(head)
+    assert section == [*head, "", RP.KEPT_NOTE, "", *old[6:15]]
+    monkeypatch.setitem(RP._REC, "before", "\n".join(["# Results", "", *section]))
+    assert RP.previous(head) == section  # kept again: still one note
 
 
 def test_a_block_made_in_part_keeps_the_previous_kept_text_beneath(monkeypatch):
@@ -503,54 +505,54 @@ def test_a_block_made_in_part_keeps_the_previous_kept_text_beneath(monkeypatch):
     text of that env beneath it (cells made elsewhere before records.json existed), the same on every
     later report, until every cell is made; a block that was made, not kept, brings nothing along."""
     head = ["## Methods on the built-in environments", "", "Command: `python results.py table`"]
-    old = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### webshop", "", R.KEPT_NOTE, "", "| a |", "",
+    old = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### webshop", "", RP.KEPT_NOTE, "", "| a |", "",
            "### hotpotqa", "", "| b |", ""]
-    monkeypatch.setitem(R._REC, "before", "\n".join(old))
-    assert R.kept_part(head, "webshop") == ["", R.KEPT_PART, "", "| a |"]
-    assert R.kept_part(head, "hotpotqa") == [] and R.kept_part(head, "household") == []
+    monkeypatch.setitem(RP._REC, "before", "\n".join(old))
+    assert RP.kept_part(head, "webshop") == ["", RP.KEPT_PART, "", "| a |"]
+    assert RP.kept_part(head, "hotpotqa") == [] and RP.kept_part(head, "household") == []
     block = ["", "### webshop", "", "| made here, seed 0 |", "", "Not computed yet: ... (seed 1)."]
-    again = ["# Results", "", *head, "", "Seeds 0, 1.", *block, *R.kept_part(head, "webshop"), "", "### hotpotqa", "",
+    again = ["# Results", "", *head, "", "Seeds 0, 1.", *block, *RP.kept_part(head, "webshop"), "", "### hotpotqa", "",
              "| b |", ""]
-    monkeypatch.setitem(R._REC, "before", "\n".join(again))
-    assert R.kept_part(head, "webshop") == ["", R.KEPT_PART, "", "| a |"]  # the next report: the same, not nested
+    monkeypatch.setitem(RP._REC, "before", "\n".join(again))
+    assert RP.kept_part(head, "webshop") == ["", RP.KEPT_PART, "", "| a |"]  # the next report: the same, not nested
 
     # in table_section: seed 0's cells read here (values stubbed: each read counts as found), seed 1's not
     def values(cfg, env, name, split, metric, it=None, dim=None):
-        R._REC["found"] += 1
+        RP._REC["found"] += 1
         return {} if split == "dev" else {0: 0.5}
-    monkeypatch.setattr(R, "values", values)
-    monkeypatch.setattr(R, "updates", lambda cell, name, iterations: None)
-    monkeypatch.setattr(R, "match_section", lambda cfg, env: [])
-    monkeypatch.setattr(R, "precision_line", lambda cfg, env: [])
-    kept_hotpotqa = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### hotpotqa", "", R.KEPT_NOTE, "", "| old |", ""]
-    monkeypatch.setitem(R._REC, "before", "\n".join(kept_hotpotqa))
-    lines = R.table_section(R.TableConfig(envs="hotpotqa", seeds="0,1"), ["table"])  # seed 1 missing
-    assert "| novice (SFT) | 0.500 (1/2 seeds) |" in "\n".join(lines) and lines[-4:] == ["", R.KEPT_PART, "", "| old |"]
-    lines = R.table_section(R.TableConfig(envs="hotpotqa", seeds="0"), ["table"])  # every cell made: it goes
-    assert "All cells computed." in lines and R.KEPT_PART not in lines
+    monkeypatch.setattr(RP, "values", values)
+    monkeypatch.setattr(RP, "updates", lambda cell, name, iterations: None)
+    monkeypatch.setattr(RP, "match_section", lambda cfg, env: [])
+    monkeypatch.setattr(RP, "precision_line", lambda cfg, env: [])
+    kept_hotpotqa = ["# Results", "", *head, "", "Seeds 0, 1.", "", "### hotpotqa", "", RP.KEPT_NOTE, "", "| old |", ""]
+    monkeypatch.setitem(RP._REC, "before", "\n".join(kept_hotpotqa))
+    lines = RP.table_section(R.TableConfig(envs="hotpotqa", seeds="0,1"), ["table"])  # seed 1 missing
+    assert "| novice (SFT) | 0.500 (1/2 seeds) |" in "\n".join(lines) and lines[-4:] == ["", RP.KEPT_PART, "", "| old |"]
+    lines = RP.table_section(R.TableConfig(envs="hotpotqa", seeds="0"), ["table"])  # every cell made: it goes
+    assert "All cells computed." in lines and RP.KEPT_PART not in lines
 
 
 def test_kept_part_from_a_section_kept_whole_and_a_sweep_made_in_part(monkeypatch, tmp_path):
     """A table section kept whole (one KEPT_NOTE above every env block) gives each block's text; a sweep
     made in part keeps its earlier kept text, and its earlier plot is not drawn over."""
     head = ["## Methods on the built-in environments", "", "Command: `python results.py table`"]
-    old = ["# Results", "", *head, "", R.KEPT_NOTE, "", "Seeds 0, 1.", "", "### webshop", "", "| a |", "",
+    old = ["# Results", "", *head, "", RP.KEPT_NOTE, "", "Seeds 0, 1.", "", "### webshop", "", "| a |", "",
            "### hotpotqa", "", "| b |", ""]
-    monkeypatch.setitem(R._REC, "before", "\n".join(old))
-    assert R.kept_part(head, "hotpotqa") == ["", R.KEPT_PART, "", "| b |"]
-    assert R.kept_part(head, "webshop") == ["", R.KEPT_PART, "", "| a |"]
+    monkeypatch.setitem(RP._REC, "before", "\n".join(old))
+    assert RP.kept_part(head, "hotpotqa") == ["", RP.KEPT_PART, "", "| b |"]
+    assert RP.kept_part(head, "webshop") == ["", RP.KEPT_PART, "", "| a |"]
 
     argv = ["sweep", "--what", "size", "--envs", "hotpotqa", "--seeds", "0", "--dims", "128,256"]
     cfg = R.TableConfig(what="size", envs="hotpotqa", seeds="0", dims="128,256")
     sweep_head = ["## Sweep: test success against model size (tiny-preset width)", "",
                   f"Command: `python results.py {' '.join(argv)}`"]
-    monkeypatch.setitem(R._REC, "before", "\n".join(["# Results", "", *sweep_head, "", R.KEPT_NOTE, "", "| old |",
+    monkeypatch.setitem(RP._REC, "before", "\n".join(["# Results", "", *sweep_head, "", RP.KEPT_NOTE, "", "| old |",
                                                      "", "![plot](results/sweep-size.png)", ""]))
-    monkeypatch.setattr(R, "values", lambda cfg, env, name, split, metric, it=None, dim=None:
+    monkeypatch.setattr(RP, "values", lambda cfg, env, name, split, metric, it=None, dim=None:
                         {0: 0.5} if dim == 256 else {})  # dim 128 not made here
-    lines = R.sweep_section(cfg, argv, str(tmp_path), "results")
-    assert lines[-6:] == ["", R.KEPT_PART, "", "| old |", "", "![plot](results/sweep-size.png)"]
+    lines = RP.sweep_section(cfg, argv, str(tmp_path), "results")
+    assert lines[-6:] == ["", RP.KEPT_PART, "", "| old |", "", "![plot](results/sweep-size.png)"]
     assert "| hotpotqa | novice (SFT) | — | 0.500 |" in lines and not (tmp_path / "sweep-size.png").exists()
-    monkeypatch.setattr(R, "values", lambda cfg, env, name, split, metric, it=None, dim=None: {0: 0.5})
-    lines = R.sweep_section(cfg, argv, str(tmp_path), "results")  # every point made: the kept text goes
-    assert R.KEPT_PART not in lines
+    monkeypatch.setattr(RP, "values", lambda cfg, env, name, split, metric, it=None, dim=None: {0: 0.5})
+    lines = RP.sweep_section(cfg, argv, str(tmp_path), "results")  # every point made: the kept text goes
+    assert RP.KEPT_PART not in lines

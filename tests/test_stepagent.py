@@ -7,8 +7,14 @@ import re
 import pytest
 import torch
 
+import agent as AG
+import attention as AT
+import generate as G
 import model as M
+import runtime as RT
+import sft as SFT
 import stepagent as S
+import tokenizer as T
 
 CONV = [
     {"role": "user", "content": "Find red shoes under 40 dollars.\nWebShop [SEP] Search"},
@@ -25,7 +31,7 @@ CONV = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tok"))
-    tok = M.train_tokenizer([m["content"] for m in CONV] * 30, 350, d)
+    tok = T.train_tokenizer([m["content"] for m in CONV] * 30, 350, d)
     args = M.ModelArgs(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                        intermediate_size=128, max_seq_len=1024, tie_embeddings=True)
     return M.Transformer.from_args(args, seed=1).eval(), tok
@@ -33,17 +39,17 @@ def tiny(tmp_path_factory):
 
 def test_turn_spans_states_are_generation_prompts(tiny):
     _, tok = tiny
-    ids, spans = S.turn_spans(tok, CONV)
+    ids, spans = AG.turn_spans(tok, CONV)
     assert len(spans) == 4
     for t, (s, e) in enumerate(spans):
         state, _ = tok.encode_chat(CONV[: 2 * t + 1], add_generation_prompt=True)
         assert ids[:s] == state  # the state the expert acted from, exactly as the agent sees it
-        assert ids[s:e] == S.turn_ids(tok, CONV[2 * t + 1]["content"])
+        assert ids[s:e] == AG.turn_ids(tok, CONV[2 * t + 1]["content"])
 
 
 def test_shared_prefix_sampling_equals_naive(tiny):
     model, tok = tiny
-    ids, spans = S.turn_spans(tok, CONV)
+    ids, spans = AG.turn_spans(tok, CONV)
     bounds = [s for s, _ in spans]
     a_ids, a_lp = S.sample_practice(model, tok, ids, bounds, k=2, temperature=0.0, max_new_tokens=12)
     b_ids, b_lp = S.sample_practice_naive(model, tok, ids, bounds, k=2, temperature=0.0, max_new_tokens=12)
@@ -60,9 +66,9 @@ def test_shared_prefix_sampling_equals_naive(tiny):
 
 def test_packed_scoring_equals_separate_forwards(tiny):
     model, tok = tiny
-    ids, spans = S.turn_spans(tok, CONV)
-    cands = [(0, S.turn_ids(tok, "Thought: x\nAction: search[blue shoes]")), (0, S.turn_ids(tok, "Action: click[B0A1]")),
-             (2, S.turn_ids(tok, "Thought: size 8.\nAction: click[8]")), (3, S.turn_ids(tok, "Action: click[< Prev]"))]
+    ids, spans = AG.turn_spans(tok, CONV)
+    cands = [(0, AG.turn_ids(tok, "Thought: x\nAction: search[blue shoes]")), (0, AG.turn_ids(tok, "Action: click[B0A1]")),
+             (2, AG.turn_ids(tok, "Thought: size 8.\nAction: click[8]")), (3, AG.turn_ids(tok, "Action: click[< Prev]"))]
     row = S.pack_row(ids, spans, cands)
     short = S.pack_row(ids[: spans[1][1]], spans[:2], cands[:2])  # a second, shorter row: padding
     with torch.no_grad():
@@ -92,14 +98,14 @@ def test_block_mask_equals_dense_mask(tiny, monkeypatch, one_call):
     attention of the dense packed mask: the same hidden states at every real column, the same
     gradients, and zeros at padding."""
     model, tok = tiny
-    monkeypatch.setattr(M.BlockMask, "dense_on", ("cpu",) if one_call else ())
-    ids, spans = S.turn_spans(tok, CONV)
-    cands = [(t, S.turn_ids(tok, a)) for t, a in [(0, "Action: search[shoes]"), (0, "Thought: x\nAction: click[B0A1]"),
+    monkeypatch.setattr(AT.BlockMask, "dense_on", ("cpu",) if one_call else ())
+    ids, spans = AG.turn_spans(tok, CONV)
+    cands = [(t, AG.turn_ids(tok, a)) for t, a in [(0, "Action: search[shoes]"), (0, "Thought: x\nAction: click[B0A1]"),
                                                   (1, "Action: click[8]"), (2, "Action: click[Buy Now]"),
                                                   (3, "Thought: buy.\nAction: click[< Prev]"), (3, "Action: click[9]")]]
     rows = [S.pack_row(ids, spans, cands), S.pack_row(ids[: spans[1][1]], spans[:2], cands[:3]),
             S.pack_row(ids[: spans[0][1]], spans[:1], [])]  # the last: no candidates, padded
-    tokens, _, pos, bm, _ = S.pad_rows(rows, "cpu", block=20)
+    tokens, _, pos, bm, _ = AT.pad_rows(rows, "cpu", block=20)
     B, N = tokens.shape
     dense = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)  # the mask as it was: padding sees itself
     real = torch.zeros(B, N, dtype=torch.bool)
@@ -128,43 +134,43 @@ def test_block_mask_equals_dense_mask(tiny, monkeypatch, one_call):
     y = bm.attend(q, q[:, :1], q[:, :1], True)
     assert y.transpose(1, 2)[~real].eq(0).all()  # padding: 0, not NaN
     if one_call:  # a model wider than dense_max_width attends block by block, to the same numbers
-        wide = S.pad_rows(rows, "cpu", block=20, width=M.BlockMask.dense_max_width + 1)[3]
+        wide = AT.pad_rows(rows, "cpu", block=20, width=AT.BlockMask.dense_max_width + 1)[3]
         assert wide.dense is None and torch.allclose(wide.attend(q, q[:, :1], q[:, :1], True), y, atol=1e-6)
     with pytest.raises(ValueError, match="attend outside"):  # a candidate block that would not see its state
         L = rows[0][6][0][0]
-        M.BlockMask(dense[:1], [[(0, L, 0), (L, len(rows[0][0]), 0)]])
+        AT.BlockMask(dense[:1], [[(0, L, 0), (L, len(rows[0][0]), 0)]])
 
 
 def test_machines_adds_a_machine_only_when_it_changes(monkeypatch):
-    here = S.machine()
+    here = RT.machine()
     assert here["kernels"] == torch.backends.cpu.get_cpu_capability() and here["threads"] == torch.get_num_threads()
-    assert S.machines(None) == [here] and S.machines([here]) == [here]  # a resume on the same machine
+    assert RT.machines(None) == [here] and RT.machines([here]) == [here]  # a resume on the same machine
     other = {**here, "kernels": "AVX2" if here["kernels"] != "AVX2" else "AVX512"}
-    assert S.machines([other]) == [other, here] and S.machines([here, other]) == [here, other, here]
+    assert RT.machines([other]) == [other, here] and RT.machines([here, other]) == [here, other, here]
     vendor = {**here, "mkl": 7 if here["mkl"] != 7 else 0}  # same kernels, another MKL path: another machine
-    assert S.machines([vendor]) == [vendor, here]
+    assert RT.machines([vendor]) == [vendor, here]
 
 
 def test_sft_resumed_under_other_fsdp_is_refused_in_one_line(tmp_path):
     """A half-trained novice's optimiser state is laid out for --fsdp or not: resuming it the other way
     is refused with the option named (it crashed in the optimiser's load); a finished one is reused."""
     cfg = S.Config(out=str(tmp_path))
-    S._check_novice_options(cfg, {"epoch": 0, "step": 0}, finished=False)  # begun now: novice.json written
+    SFT._check_novice_options(cfg, {"epoch": 0, "step": 0}, finished=False)  # begun now: novice.json written
     other = S.Config(out=str(tmp_path), fsdp=True)
     with pytest.raises(SystemExit, match="made with --fsdp False, not True; rerun with --fsdp False"):
-        S._check_novice_options(other, {"epoch": 1, "step": 4}, finished=False)
-    S._check_novice_options(other, {"epoch": 6, "step": 750}, finished=True)  # finished: the methods may use FSDP
+        SFT._check_novice_options(other, {"epoch": 1, "step": 4}, finished=False)
+    SFT._check_novice_options(other, {"epoch": 6, "step": 750}, finished=True)  # finished: the methods may use FSDP
 
 
 def test_mkl_code_names_mkls_path_or_none(monkeypatch):
-    code = S.mkl_code()
+    code = RT.mkl_code()
     if torch.backends.mkl.is_available() and platform.system() == "Linux":  # torch's Linux x86 wheels link MKL in
         assert isinstance(code, int) and 0 <= code <= 16  # MKL's codes; it refuses others ("CPU n is not supported")
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
-    assert S.mkl_code() is None and S.machine()["mkl"] is None
+    assert RT.mkl_code() is None and RT.machine()["mkl"] is None
     monkeypatch.undo()
-    monkeypatch.setattr(S.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError(f"{path}: cannot open")))
-    assert S.mkl_code() is None  # no libtorch_cpu.so by that name (another platform): None, not a crash
+    monkeypatch.setattr(RT.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError(f"{path}: cannot open")))
+    assert RT.mkl_code() is None  # no libtorch_cpu.so by that name (another platform): None, not a crash
 
 
 def test_length_groups_pad_within_slack():
@@ -182,20 +188,20 @@ def test_fit_context_drops_oldest_pairs_keeps_first_turn(tiny, monkeypatch):
     _, tok = tiny
     enc = lambda msgs: tok.encode_chat(msgs, add_generation_prompt=True)[0]  # noqa: E731
     full = enc(CONV[:-1])
-    assert S.fit_context(tok, CONV[:-1], len(full)) == (full, 0)  # fits: unchanged
-    ids, drop = S.fit_context(tok, CONV[:-1], len(full) - 5)
+    assert AG.fit_context(tok, CONV[:-1], len(full)) == (full, 0)  # fits: unchanged
+    ids, drop = AG.fit_context(tok, CONV[:-1], len(full) - 5)
     # the first user turn stays; the oldest action/observation pairs go until 3/4 of the budget is left
     assert drop >= 1 and ids == enc(CONV[:1] + CONV[1 + 2 * drop:-1])
     assert len(ids) <= (len(full) - 5) * 3 // 4 or drop == 2  # (2 = all pairs but the last observation)
     assert len(enc(CONV[:1] + CONV[2 * drop - 1:-1])) > (len(full) - 5) * 3 // 4  # one pair fewer would not do
-    monkeypatch.setattr(S, "CONTEXT_CUT", 0.0)  # the peer bench.py compares with: the fewest pairs that fit
-    assert S.fit_context(tok, CONV[:-1], len(full) - 5) == (enc(CONV[:1] + CONV[3:-1]), 1)
+    monkeypatch.setattr(AG, "CONTEXT_CUT", 0.0)  # the peer bench.py compares with: the fewest pairs that fit
+    assert AG.fit_context(tok, CONV[:-1], len(full) - 5) == (enc(CONV[:1] + CONV[3:-1]), 1)
     monkeypatch.undo()
-    tiny_budget, drop = S.fit_context(tok, CONV[:-1], 40)
+    tiny_budget, drop = AG.fit_context(tok, CONV[:-1], 40)
     assert len(tiny_budget) == 40 and drop == 2  # never longer than the budget, even with only the first turn left
     # a one-shot example (`keep` messages) stays whole, ahead of the task's own first turn
     shot = CONV[:2]
-    ids, drop = S.fit_context(tok, shot + CONV[:-1], len(enc(shot + CONV[:-1])) - 5, keep=3)
+    ids, drop = AG.fit_context(tok, shot + CONV[:-1], len(enc(shot + CONV[:-1])) - 5, keep=3)
     assert drop >= 1 and ids == enc(shot + CONV[:1] + CONV[1 + 2 * drop:-1])
 
 
@@ -206,7 +212,7 @@ def test_fit_context_keeps_the_history_fixed_between_cuts(tiny):
     conv = CONV[:1] + (CONV[1:7] * 12)  # 36 action/observation pairs
     budget, drop, prev, cuts = 400, 0, None, 0
     for end in range(3, len(conv) + 1, 2):
-        ids, new_drop = S.fit_context(tok, conv[:end], budget, drop=drop)
+        ids, new_drop = AG.fit_context(tok, conv[:end], budget, drop=drop)
         assert len(ids) <= budget and new_drop >= drop
         assert ids == tok.encode_chat(conv[:1] + conv[1 + 2 * new_drop:end], add_generation_prompt=True)[0]
         if prev is not None and new_drop == drop:
@@ -225,12 +231,12 @@ def test_match_rates_and_length_batches():
     r = S.match_rates(steps)
     assert r["all"] == 0.5 and r["by_step"] == {0: 0.75, 1: 0.0}
     lengths = [5, 100, 7, 98, 6, 99, 50, 51]
-    b1 = S.length_batches(lengths, 2, seed=3)
-    assert b1 == S.length_batches(lengths, 2, seed=3) and sorted(i for b in b1 for i in b) == list(range(8))
+    b1 = SFT.length_batches(lengths, 2, seed=3)
+    assert b1 == SFT.length_batches(lengths, 2, seed=3) and sorted(i for b in b1 for i in b) == list(range(8))
     # one window (8 <= 32 batches): cut in sorted order, so each batch holds neighbours by length
     assert sorted(sorted(lengths[i] for i in b) for b in b1) == [[5, 6], [7, 50], [51, 98], [99, 100]]
-    assert abs(S.lr_at(0, 100, 0.1, 1.0) - 0.1) < 1e-9 and abs(S.lr_at(9, 100, 0.1, 1.0) - 1.0) < 1e-9
-    assert abs(S.lr_at(100, 100, 0.1, 1.0) - 0.1) < 1e-9  # cosine ends at lr/10
+    assert abs(SFT.lr_at(0, 100, 0.1, 1.0) - 0.1) < 1e-9 and abs(SFT.lr_at(9, 100, 0.1, 1.0) - 1.0) < 1e-9
+    assert abs(SFT.lr_at(100, 100, 0.1, 1.0) - 0.1) < 1e-9  # cosine ends at lr/10
 
 
 def test_rename_ids_is_consistent_within_a_trajectory_and_leaves_the_rest():
@@ -243,9 +249,9 @@ def test_rename_ids_is_consistent_within_a_trajectory_and_leaves_the_rest():
     rec = envs.run_expert(envs.load_env("webshop"), envs.make("webshop", "train", n=1, seed=0)[0])
     old_ids = {m for c in rec["conversations"] for m in re.findall(pattern, c["value"])}
     assert len(old_ids) >= 5  # a results page lists several products
-    a = S.rename_ids(rec, pattern, random.Random(1))
-    b = S.rename_ids(rec, pattern, random.Random(1))
-    assert a == b and a != S.rename_ids(rec, pattern, random.Random(2))  # seeded
+    a = SFT.rename_ids(rec, pattern, random.Random(1))
+    b = SFT.rename_ids(rec, pattern, random.Random(1))
+    assert a == b and a != SFT.rename_ids(rec, pattern, random.Random(2))  # seeded
     mapping = {}
     for c_old, c_new in zip(rec["conversations"], a["conversations"]):
         olds, news = re.findall(pattern, c_old["value"]), re.findall(pattern, c_new["value"])
@@ -263,7 +269,7 @@ def test_expert_data_says_when_the_train_split_is_smaller(tmp_path, capsys):
     import envs
 
     n_all = len(envs.make("household", "train", seed=0))
-    recs = S.expert_data(S.Config(env="household", n_train=n_all + 5, out=str(tmp_path)))
+    recs = SFT.expert_data(S.Config(env="household", n_train=n_all + 5, out=str(tmp_path)))
     assert len(recs) == n_all and all(r["reward"] >= 1.0 for r in recs)
     assert f"train split has {n_all} tasks" in capsys.readouterr().out
 
@@ -280,20 +286,20 @@ def test_expert_data_leaves_out_failed_expert_trajectories(tmp_path, capsys, mon
     tasks = envs.make("household", "train", n=4, seed=0)
     monkeypatch.setattr(envs, "run_expert", flaky)
     cfg = S.Config(env="household", n_train=4, out=str(tmp_path))
-    recs = S.expert_data(cfg)
+    recs = SFT.expert_data(cfg)
     assert [r["id"] for r in recs] == [t.id for i, t in enumerate(tasks) if i != 1]
     assert f"failed 1 of 4 household train tasks, left out: {tasks[1].id}" in capsys.readouterr().out
-    assert [r["id"] for r in S.expert_data(cfg)] == [r["id"] for r in recs]  # the cached file holds the same
+    assert [r["id"] for r in SFT.expert_data(cfg)] == [r["id"] for r in recs]  # the cached file holds the same
     monkeypatch.setattr(envs, "run_expert", lambda env, task: {**real(env, task), "reward": 0.0})
     with pytest.raises(RuntimeError, match="failed all 3"):
-        S.expert_data(S.Config(env="household", n_train=3, out=str(tmp_path / "b")))
+        SFT.expert_data(S.Config(env="household", n_train=3, out=str(tmp_path / "b")))
 
 
 def test_whole_ids_tokenizer_gives_one_token_per_seen_id(tmp_path):
     texts = ["Observation: [SEP] B0BKKZV1PF [SEP] red shoes [SEP] $12.00 [SEP] B09P0RV4AN [SEP] blue",
              "Thought: the first result fits.\nAction: click[B0BKKZV1PF]"] * 20
-    plain = M.train_tokenizer(texts, 300, str(tmp_path / "plain"))
-    whole = M.train_tokenizer(texts, 300, str(tmp_path / "whole"), ["B09P0RV4AN", "B0BKKZV1PF"])
+    plain = T.train_tokenizer(texts, 300, str(tmp_path / "plain"))
+    whole = T.train_tokenizer(texts, 300, str(tmp_path / "whole"), ["B09P0RV4AN", "B0BKKZV1PF"])
     assert len(plain.encode("B0BKKZV1PF")) > 1  # BPE alone splits an ID into pieces
     assert whole.vocab_size == plain.vocab_size + 2
     for s in ("click[B0BKKZV1PF]", " B09P0RV4AN [SEP]"):  # after "[" and after a space: the same one token
@@ -301,13 +307,13 @@ def test_whole_ids_tokenizer_gives_one_token_per_seen_id(tmp_path):
         assert whole.decode(ids) == s
         assert sum(whole.decode([i]).strip() in ("B0BKKZV1PF", "B09P0RV4AN") for i in ids) == 1
     assert len(whole.encode("B0ZZZZZZZZ")) > 1  # an ID never seen is spelled out as before
-    reloaded = M.Tokenizer(str(tmp_path / "whole"))  # saved: the model folder carries it
+    reloaded = T.Tokenizer(str(tmp_path / "whole"))  # saved: the model folder carries it
     assert reloaded.encode("click[B0BKKZV1PF]") == whole.encode("click[B0BKKZV1PF]")
 
 
 def test_rename_ids_with_whole_ids_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--whole_ids false"):
-        S.train_sft(S.Config(out=str(tmp_path), n_train=2, rename_ids=True))
+        SFT.train_sft(S.Config(out=str(tmp_path), n_train=2, rename_ids=True))
 
 
 def test_sft_saves_its_epoch_before_the_dev_evaluation(tmp_path, monkeypatch):
@@ -318,26 +324,26 @@ def test_sft_saves_its_epoch_before_the_dev_evaluation(tmp_path, monkeypatch):
 
     cfg = S.Config(env="hotpotqa", n_train=8, n_dev=2, sft_epochs=2, pretrain_epochs=1, dim=32, n_layers=1,
                    n_heads=2, vocab_size=300, max_new_tokens=8, batch_size=4, eval_batch=4, out=str(tmp_path / "a"))
-    S.train_sft(cfg)
+    SFT.train_sft(cfg)
     b = dataclasses.replace(cfg, out=str(tmp_path / "b"))
-    real = S.evaluate
+    real = AG.evaluate
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(S, "evaluate", stopped)
+    monkeypatch.setattr(AG, "evaluate", stopped)
     with pytest.raises(KeyboardInterrupt):
-        S.train_sft(b)
+        SFT.train_sft(b)
     state = json.load(open(os.path.join(b.out, "sft", "trainer_state.json")))
     assert (state["epoch"], state["step"], state["dev"]) == (2, 4, None)  # pretraining + SFT epoch 1 kept
-    monkeypatch.setattr(S, "evaluate", real)
+    monkeypatch.setattr(AG, "evaluate", real)
     # a novice half made is resumed only as it began: not in the other precision, not on another schedule
     other = {"bf16": "none", "none": "bf16"}[state["amp"]]
     with pytest.raises(SystemExit, match=f"made with --amp {state['amp']}, not {other}; rerun with --amp {state['amp']} to go on"):
-        S.train_sft(dataclasses.replace(b, amp=other))
+        SFT.train_sft(dataclasses.replace(b, amp=other))
     with pytest.raises(SystemExit, match="made with --sft_epochs 2, not 3"):
-        S.train_sft(dataclasses.replace(b, sft_epochs=3))
-    S.train_sft(b)
+        SFT.train_sft(dataclasses.replace(b, sft_epochs=3))
+    SFT.train_sft(b)
     epochs = [[json.loads(x) for x in open(os.path.join(d, "sft_metrics.jsonl")) if "epoch" in x] for d in (cfg.out, b.out)]
     strip = lambda lines: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
     assert [x["epoch"] for x in epochs[1]] == [1, 2, 3] and strip(epochs[0]) == strip(epochs[1])
@@ -356,13 +362,13 @@ def test_amp_auto_picks_bf16_only_where_the_cpu_has_it_and_the_config_records_th
     for avx512_bf16, amx, want in [(False, False, "none"), (True, False, "bf16"), (False, True, "bf16")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert S.resolve_amp("auto", cpu) == want
-        assert S.parse_config(S.Config, ["--device", "cpu"]).amp == want
-        assert S.parse_config(S.Config, ["--device", "cpu", "--amp", "none"]).amp == "none"  # given: kept
-        with S.autocast(cpu, "auto"):
+        assert RT.resolve_amp("auto", cpu) == want
+        assert RT.parse_config(S.Config, ["--device", "cpu"]).amp == want
+        assert RT.parse_config(S.Config, ["--device", "cpu", "--amp", "none"]).amp == "none"  # given: kept
+        with RT.autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == (want == "bf16")
     with pytest.raises(SystemExit, match="--amp 'fp8': choose auto, bf16, none"):
-        S.parse_config(S.Config, ["--amp", "fp8"])
+        RT.parse_config(S.Config, ["--amp", "fp8"])
 
 
 def test_native_bf16_override_decides_amp_auto_on_any_cpu(monkeypatch):
@@ -374,11 +380,11 @@ def test_native_bf16_override_decides_amp_auto_on_any_cpu(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=has: v)
         for forced, want in (("1", "bf16"), ("0", "none")):
             monkeypatch.setenv("STEPAGENT_NATIVE_BF16", forced)
-            assert S.resolve_amp("auto", cpu) == want
-            assert S.parse_config(S.Config, ["--device", "cpu"]).amp == want
+            assert RT.resolve_amp("auto", cpu) == want
+            assert RT.parse_config(S.Config, ["--device", "cpu"]).amp == want
     monkeypatch.setenv("STEPAGENT_NATIVE_BF16", "yes")
     with pytest.raises(SystemExit, match="STEPAGENT_NATIVE_BF16='yes': set it to 1 or 0"):
-        S.resolve_amp("auto", cpu)
+        RT.resolve_amp("auto", cpu)
 
 
 def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypatch):
@@ -407,9 +413,9 @@ def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypa
             played[i] += 1
         return outs, None
 
-    monkeypatch.setattr(S.M, "generate", scripted)
+    monkeypatch.setattr(AG.G, "generate", scripted)
     cfg = S.Config(env="household", seed=0, eval_batch=2, max_new_tokens=64)
-    summary = S.evaluate(model, tok, cfg, "test", n=2, out_dir=str(tmp_path))
+    summary = AG.evaluate(model, tok, cfg, "test", n=2, out_dir=str(tmp_path))
     recs = json.load(open(tmp_path / "trajectories.json"))
     assert [r["invalid_steps"] for r in recs] == [[1, 2], [0]]
     assert [r["steps"] for r in recs] == [len(s) for s in script] and summary["success_rate"] == 1.0
@@ -420,17 +426,17 @@ def test_evaluate_counts_the_invalid_steps_of_each_task(tiny, tmp_path, monkeypa
 def _killed_after_two_saves(work, path, monkeypatch) -> list[int]:
     """Run work(path), killed (KeyboardInterrupt) just after its partial file's second save; the
     'done' counts it saved."""
-    saves, save = [], S.atomic_torch_save
+    saves, save = [], RT.atomic_torch_save
 
     def killed(obj, p):
         save(obj, p)
         saves.append(obj["done"])
         if len(saves) == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(S, "atomic_torch_save", killed)
+    monkeypatch.setattr(RT, "atomic_torch_save", killed)
     with pytest.raises(KeyboardInterrupt):
         work(path)
-    monkeypatch.setattr(S, "atomic_torch_save", save)
+    monkeypatch.setattr(RT, "atomic_torch_save", save)
     return saves
 
 
@@ -443,25 +449,25 @@ def test_rollout_resumes_from_partial_batches(tiny, tmp_path, monkeypatch):
 
     def play(partial=None, temperature=1.0):
         g = torch.Generator().manual_seed(3)  # the same seed a rerun starts from, as train_iterations does
-        return S.rollout(model, tok, "webshop", tasks, temperature, 1.0, 8, batch=2, generator=g, partial=partial)
+        return AG.rollout(model, tok, "webshop", tasks, temperature, 1.0, 8, batch=2, generator=g, partial=partial)
     whole = play()
     path = str(tmp_path / "run" / "partial.pt")
-    assert _killed_after_two_saves(play, path, monkeypatch) == [2, 4] and S.partial_seconds(path) > 0
+    assert _killed_after_two_saves(play, path, monkeypatch) == [2, 4] and RT.partial_seconds(path) > 0
     with pytest.raises(SystemExit, match=re.escape(f"{path} keeps part of other work (different sampling)")):
         play(path, temperature=0.5)  # other settings: the kept batches are neither reused nor overwritten
     assert torch.load(path, weights_only=False)["done"] == 4
-    widths, gen = [], M.generate
+    widths, gen = [], G.generate
 
     def counted(model, prompts, *a, **k):
         widths.append(len(prompts))
         return gen(model, prompts, *a, **k)
-    monkeypatch.setattr(M, "generate", counted)
+    monkeypatch.setattr(G, "generate", counted)
     resumed = play(path)
     assert widths[0] == 1  # only the fifth task is played again
     assert len({json.dumps(r["conversations"]) for r in whole}) > 1  # sampled, not one repeated answer
     assert [(r["conversations"], r["reward"], r["steps"]) for r in resumed] == \
         [(r["conversations"], r["reward"], r["steps"]) for r in whole]
-    S.drop_partial(path)
+    RT.drop_partial(path)
     assert not os.path.exists(path)
 
 
@@ -499,16 +505,16 @@ def test_kept_map_resumes_a_killed_scoring_pass(tmp_path, monkeypatch):
     def fn(x):
         calls.append(x[0])
         return torch.tensor(x, dtype=torch.float).sum()
-    whole = S.kept_map(fn, items)
+    whole = RT.kept_map(fn, items)
     partial = str(tmp_path / "collect-1-partial.pt")  # the collect's file; the scores are kept beside it
-    assert _killed_after_two_saves(lambda p: S.kept_map(fn, items, p), partial, monkeypatch) == [2, 4]
+    assert _killed_after_two_saves(lambda p: RT.kept_map(fn, items, p), partial, monkeypatch) == [2, 4]
     assert os.path.exists(tmp_path / "scores-collect-1-partial.pt") and not os.path.exists(partial)
-    assert S.partial_seconds(partial) > 0
+    assert RT.partial_seconds(partial) > 0
     with pytest.raises(SystemExit, match="keeps part of other work"):
-        S.kept_map(fn, items[::-1], partial)
+        RT.kept_map(fn, items[::-1], partial)
     calls.clear()
-    assert S.kept_map(fn, items, partial) == whole and calls == list(range(4, 100))
-    S.drop_partial(partial)
+    assert RT.kept_map(fn, items, partial) == whole and calls == list(range(4, 100))
+    RT.drop_partial(partial)
     assert not os.listdir(tmp_path)
 
 
@@ -533,16 +539,16 @@ def test_novice_context_counts_only_for_the_tiny_preset(tmp_path):
     for preset, kept in [("smollm2", True), ("tiny", False)]:
         out = str(tmp_path / preset)
         os.makedirs(out)
-        S._check_novice_options(S.Config(preset=preset, out=out), {"epoch": 0}, finished=False)
+        SFT._check_novice_options(S.Config(preset=preset, out=out), {"epoch": 0}, finished=False)
         made = json.load(open(os.path.join(out, "novice.json")))
         assert made["preset"] == preset and made.get("max_seq_len", 2048) == 2048
         made["max_seq_len"] = 2048  # as recorded by novices made before this rule
         S.envs.write_json(os.path.join(out, "novice.json"), made)
         other = S.Config(preset=preset, out=out, max_seq_len=4096)
         if kept:
-            S._check_novice_options(other, {"epoch": 1}, finished=True)
+            SFT._check_novice_options(other, {"epoch": 1}, finished=True)
         else:
             with pytest.raises(SystemExit, match="made with --max_seq_len 2048, not 4096"):
-                S._check_novice_options(other, {"epoch": 1}, finished=True)
+                SFT._check_novice_options(other, {"epoch": 1}, finished=True)
         with pytest.raises(SystemExit, match="--sft_lr"):  # an SFT option counts with every preset
-            S._check_novice_options(S.Config(preset=preset, out=out, sft_lr=1.0), {"epoch": 1}, finished=True)
+            SFT._check_novice_options(S.Config(preset=preset, out=out, sft_lr=1.0), {"epoch": 1}, finished=True)
