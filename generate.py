@@ -361,8 +361,11 @@ def main(argv: list[str] | None = None) -> None:
             state["text"] = text
 
     t0 = time.time()
-    out, _ = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, tokenizer=tok,
-                      generator=torch.Generator().manual_seed(a.seed), on_token=stream)
+    try:
+        out, _ = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, tokenizer=tok,
+                          generator=torch.Generator().manual_seed(a.seed), on_token=stream)
+    except ValueError as e:  # the prompt and --max_new_tokens do not fit the context
+        sys.exit(f"error: {e}; shorten the prompt or --max_new_tokens, or load with a larger --context")
     dt = time.time() - t0
     print(f"\n[{len(out[0])} tokens in {dt:.1f}s, {len(out[0]) / dt:.1f} tokens/s]", file=sys.stderr)
 

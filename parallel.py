@@ -197,12 +197,18 @@ def optim_state(model, opt) -> dict:
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optim_state(model, opt, path: str) -> None:
+def load_optim_state(model, opt, path: str, fix: str = "delete the checkpoint it is in to start that over") -> None:
+    """The optimiser's state from `path` (tensors and plain containers only: no code runs); a file
+    that cannot be read stops the run with one line naming it and `fix`."""
+    # the full state stays in host memory under --fsdp (a 7B model's AdamW moments alone are 28 GB in
+    # bf16): set_optimizer_state_dict moves each tensor to the device and keeps this rank's shard of it
+    try:
+        sd = torch.load(path, map_location="cpu" if is_fsdp(model) else model.device, weights_only=True)
+    except Exception as e:  # truncated (a full disk), damaged, or not an optimiser state
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        sys.exit(f"error: {path}: cannot read the optimiser state ({why}); {fix}")
     if not is_fsdp(model):
-        return opt.load_state_dict(torch.load(path, map_location=model.device))
-    # the full state stays in host memory (a 7B model's AdamW moments alone are 28 GB in bf16, 56 in fp32):
-    # set_optimizer_state_dict moves each tensor to the device and keeps this rank's shard of it
-    sd = torch.load(path, map_location="cpu")
+        return opt.load_state_dict(sd)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))

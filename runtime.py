@@ -7,6 +7,7 @@ import ctypes
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -73,11 +74,31 @@ def check_config(cfg) -> None:
     cfg.check()
 
 
+def at_least(cfg, lo: float, *names: str) -> None:
+    """Refuse the first of these options below lo (or, for a float, not a finite number)."""
+    for k in names:
+        v = getattr(cfg, k)
+        if not math.isfinite(v) or v < lo:
+            sys.exit(f"error: --{k} {v}: must be {'a finite number, ' if isinstance(v, float) else ''}at least {lo}")
+
+
 def at_least_1(cfg, *names: str) -> None:
-    """Refuse the first of these options that is below 1."""
-    small = [k for k in names if getattr(cfg, k) < 1]
-    if small:
-        sys.exit(f"error: --{small[0]} {getattr(cfg, small[0])}: must be at least 1")
+    at_least(cfg, 1, *names)
+
+
+def positive(cfg, *names: str) -> None:
+    """Refuse the first of these options that is not a finite number above 0 (a rate, beta, a clip)."""
+    for k in names:
+        v = getattr(cfg, k)
+        if not (math.isfinite(v) and v > 0):
+            sys.exit(f"error: --{k} {v}: must be a finite number above 0")
+
+
+def within(cfg, name: str, lo: float, hi: float) -> None:
+    """Refuse the option unless lo <= value <= hi."""
+    v = getattr(cfg, name)
+    if not lo <= v <= hi:
+        sys.exit(f"error: --{name} {v}: must be in [{lo}, {hi}]")
 
 
 def print_help(text: str) -> None:
@@ -212,6 +233,18 @@ def machines(seen: list | None) -> list[dict]:
 # ----------------------------------------------------------------------------- resumable partial files
 
 
+def load_state(path: str, fix: str, map_location=None):
+    """A run-state file (collect-<it>.pt, a partial file, last/method.pt) read as tensors and plain
+    containers only (torch.load with weights_only), so a crafted file in a shared run folder cannot
+    run code; a file that is not one (damaged, truncated, or crafted) stops the run with one line
+    naming it and `fix`, what to do."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # an unpickling refusal, a truncated zip, a file of another kind
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        sys.exit(f"error: {path}: not a run-state file this project can read ({why}); {fix}")
+
+
 def rank_path(path: str) -> str:
     return path if P.world() == 1 else f"{path}.rank{P.rank()}"
 
@@ -231,7 +264,9 @@ class Partial:
         self.done, self.results, self.earlier, self.t0 = 0, results, 0.0, time.time()
         if not self.path or not os.path.exists(self.path):
             return
-        saved = torch.load(self.path, weights_only=False)
+        saved = load_state(self.path, "delete it to start that part over")
+        if not isinstance(saved, dict) or not {"key", "done", "results", "seconds", "generator"} <= set(saved):
+            sys.exit(f"error: {self.path}: not a partial file of this project; delete it to start that part over")
         if saved["key"] != key:  # never overwrite kept work silently (nor count its seconds as this work's)
             differ = ", ".join(f for f in key if saved["key"].get(f) != key[f])
             sys.exit(f"error: {self.path} keeps part of other work (different {differ}); rerun with the settings "
@@ -240,6 +275,11 @@ class Partial:
             generator.set_state(saved["generator"])
         tqdm.write(f"{desc}: resuming after {saved['done']} of {len(next(iter(key.values())))}, kept in {self.path}")
         self.done, self.results, self.earlier = saved["done"], saved["results"], saved["seconds"]
+
+    @staticmethod
+    def seconds(path: str) -> float:
+        saved = load_state(path, "delete it to start that part over")
+        return float(saved["seconds"]) if isinstance(saved, dict) and "seconds" in saved else 0.0
 
     def save(self, done: int) -> None:
         """Keep self.results as the first `done` items' (no-op without a path)."""
@@ -258,7 +298,7 @@ def _scores_path(partial: str) -> str:  # kept_map's file beside a collect's par
 def partial_seconds(partial: str) -> float:
     """Wall seconds of the work a partial file (and kept_map's beside it) kept from earlier runs (0 if none)."""
     mine = [rank_path(p) for p in (partial, _scores_path(partial))]
-    return sum(torch.load(m, weights_only=False)["seconds"] for m in mine if os.path.exists(m))
+    return sum(Partial.seconds(m) for m in mine if os.path.exists(m))
 
 
 def drop_partial(partial: str) -> None:

@@ -242,11 +242,15 @@ def train_sft(cfg: Config) -> str:
                                             for i, r in enumerate(records)]
         return encode_records(tok, recs, model.args.max_seq_len)
     data = epoch_data(state["epoch"])
+    if not data:
+        flag = "--max_seq_len" if cfg.preset == "tiny" else "--context"
+        sys.exit(f"error: all {len(records)} expert trajectories exceed the context ({model.args.max_seq_len} "
+                 f"tokens): nothing to train on; raise {flag}")
     first = data if not pattern or not state["epoch"] else epoch_data(0)  # the schedule's length, as first run
     total = math.ceil(math.ceil(len(first) / cfg.batch_size) / cfg.grad_accum) * n_epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state["epoch"]:
-        P.load_optim_state(model, opt, os.path.join(ckpt, "optimizer.pt"))
+        P.load_optim_state(model, opt, os.path.join(ckpt, "optimizer.pt"), f"delete {ckpt} to train the novice again")
         print(f"resuming SFT from {ckpt} after epoch {state['epoch']}")
     step = state["step"]
     RT.truncate_log(os.path.join(cfg.out, "sft_metrics.jsonl"), step, False)  # an epoch killed before its save

@@ -85,7 +85,8 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     whole_ids: bool = opt(True, "tiny preset: each opaque ID in the train text (a webshop product ID) is one token")
-    rename_ids: bool = opt(False, "SFT: rename the env's opaque IDs (webshop product IDs) afresh per trajectory and epoch")
+    rename_ids: bool = opt(False, "SFT: rename the env's opaque IDs (webshop product IDs) afresh per trajectory and "
+                                  "epoch")
     amp: str = opt("auto", "training forward/backward: bf16 autocast | none (fp32) | auto: bf16 where the device has "
                            "it natively")
     # acting
@@ -111,9 +112,19 @@ class Config:
 
     def check(self) -> None:
         """Refuse this class's options that cannot work (runtime.check_config calls it; subclasses add theirs)."""
-        RT.at_least_1(self, "n_train", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "batch_size",
-                      "grad_accum", "max_new_tokens", "eval_batch", "k", "traj_batch", "log_every")
-        for key, path in (("preset", self.preset if self.preset not in ("tiny", "smollm2") else ""), ("model", self.model)):
+        RT.at_least_1(self, "n_train", "n_dev", "n_test", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len",
+                      "sft_epochs", "batch_size", "grad_accum", "max_new_tokens", "eval_batch", "k", "iterations",
+                      "traj_batch", "log_every")
+        RT.at_least(self, 0, "context", "pretrain_epochs", "weight_decay", "temperature", "n_inspect", "save_every")
+        RT.positive(self, "sft_lr", "grad_clip")
+        RT.within(self, "warmup", 0, 1)
+        RT.within(self, "top_p", 0, 1)
+        ctx = self.context or (self.max_seq_len if self.preset == "tiny" else 0)
+        if ctx and ctx <= self.max_new_tokens:
+            sys.exit(f"error: --{'context' if self.context else 'max_seq_len'} {ctx}: leaves no room for a prompt "
+                     f"before --max_new_tokens {self.max_new_tokens}; make it larger than that")
+        preset = self.preset if self.preset not in ("tiny", "smollm2") else ""
+        for key, path in (("preset", preset), ("model", self.model)):
             if path and not os.path.isfile(os.path.join(path, "config.json")):
                 sys.exit(f"error: --{key} {path!r}: no config.json there (a Hugging Face-layout model folder"
                          f"{'' if key == 'model' else ', or tiny or smollm2'})")
@@ -390,6 +401,13 @@ def _check_run_config(run: str, cfg: Config) -> None:
     RT.check_run_config(run, cfg, RESUMABLE | (set() if cfg.preset == "tiny" else set(SFT.NOVICE_TINY)))
 
 
+def refuse_model(cfg: Config) -> None:
+    """--model is the model stepagent.py inspect/eval read; a training run starts from --preset."""
+    if cfg.model:
+        sys.exit(f"error: --model {cfg.model!r}: training starts from --preset (tiny, smollm2, or a model "
+                 f"folder such as this one); --model is for stepagent.py inspect and eval")
+
+
 def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str, dict]]:
     """The StepAgent loop, shared by both reflection strategies and their baselines:
 
@@ -398,6 +416,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     Rerunning the same command after a crash or kill -9 resumes (Run) and ends with the same numbers
     as an uninterrupted run. Under torchrun every rank runs this loop (collect shards and gathers,
     each update takes this rank's slice of the global batch, rank 0 writes). Returns the table rows."""
+    refuse_model(cfg)
     RT.seed_all(cfg.seed)
     novice = SFT.train_sft(cfg)
     _check_run_config(os.path.join(cfg.out, method.name), cfg)
@@ -443,9 +462,10 @@ class Run:
         self.state = {"iteration": 0, "batch": 0, "step": 0, "done": False}
         if resumed:
             self.state = json.load(open(os.path.join(last, "trainer_state.json")))
-            P.load_optim_state(self.model, self.opt, os.path.join(last, "optimizer.pt"))
-            method.load_state_dict(torch.load(os.path.join(last, "method.pt"), map_location=self.model.device,
-                                              weights_only=False))
+            P.load_optim_state(self.model, self.opt, os.path.join(last, "optimizer.pt"),
+                               f"delete {last} to rerun this method from the novice")
+            method.load_state_dict(RT.load_state(os.path.join(last, "method.pt"), f"delete {last} to rerun "
+                                                 "this method from the novice", self.model.device))
             where = "after its reflection" if self.state["done"] else f"after update {self.state['batch']}"
             print(f"resuming {self.dir}: iteration {self.state['iteration'] + 1}, {where}")
         s = self.state
@@ -480,7 +500,7 @@ class Run:
         if os.path.exists(path):
             if os.path.exists(took):
                 self.timed.update(json.load(open(took)))
-            return torch.load(path, weights_only=False)
+            return RT.load_state(path, "delete it to collect this iteration again")
         partial = self.path(f"collect-{it + 1}-partial.pt")
         t0 = time.time() - RT.partial_seconds(partial)
         RT.seed_all(self.cfg.seed * 1000 + it)

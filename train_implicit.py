@@ -55,6 +55,12 @@ class ImplicitConfig(S.Config):
     dpo_epochs: int = opt(1, "passes over one iteration's pairs")
     sft_coef: float = opt(0.0, "weight of the NLL term on the expert actions (0: pure step DPO; see the docstring)")
 
+    def check(self) -> None:
+        super().check()
+        RT.positive(self, "beta", "dpo_lr")
+        RT.at_least_1(self, "dpo_epochs")
+        RT.at_least(self, 0, "sft_coef")
+
 
 def step_dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                   ref_rejected: torch.Tensor, beta: float):

@@ -89,6 +89,8 @@ class IRLConfig(S.Config):
     def check(self) -> None:
         super().check()
         RT.at_least_1(self, "disc_epochs", "pg_epochs")
+        RT.positive(self, "disc_lr", "pg_lr")
+        RT.at_least(self, 0, "kl_coef")
         if not 0 < self.clip_eps < 1:
             sys.exit(f"error: --clip_eps {self.clip_eps}: must be in (0, 1)")
 

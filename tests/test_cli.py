@@ -102,6 +102,23 @@ def test_model_sample_command(run_dir):
     r = subprocess.run([sys.executable, "generate.py", "--model", "/nonexistent", "--prompt", "x"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "config.json: missing" in r.stderr and "Traceback" not in r.stderr
+    for extra in (["--prompt", "who? " * 3000], ["--prompt", "who?", "--max_new_tokens", "100000"]):  # past the context
+        r = subprocess.run([sys.executable, "generate.py", "--model", os.path.join(run_dir, "sft"), *extra],
+                           capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and "Traceback" not in r.stderr and last.startswith("error: prompt (")
+        assert last.endswith("exceeds the context (2048); shorten the prompt or --max_new_tokens, or load with a "
+                             "larger --context")
+
+
+def test_sft_with_every_trajectory_past_the_context_says_so_in_one_line(tmp_path):
+    """--max_seq_len below every expert trajectory's length: nothing to train on, one line (it used to
+    end in an UnboundLocalError inside train_sft)."""
+    r = subprocess.run([sys.executable, "stepagent.py", "sft", *MICRO, "--max_seq_len", "40", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: all 8 expert trajectories exceed the context (40 "
+                                                         "tokens): nothing to train on; raise --max_seq_len")
 
 
 def test_sft_reuses_its_novice_and_refuses_other_options(tmp_path):
@@ -160,6 +177,9 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
     import train_irl as TR
 
     out = str(tmp_path / "run")
+    model_dir = str(tmp_path / "a-model")  # a model folder (config.json): --model's check passes
+    os.makedirs(model_dir)
+    open(os.path.join(model_dir, "config.json"), "w").write("{}")
     cases = [(TI.main, ["--env", "nosuch"], "--env 'nosuch': choose webshop, household"),
              (TR.main, ["--preset", str(tmp_path / "nope")], "--preset '"),
              (S.main, ["eval", "--model", str(tmp_path / "nope")], "--model '"),
@@ -188,7 +208,27 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
              (R.main, ["sweep", "--k", "1", "--sweep_methods", "implicit,inverse"], "--k 1: the group baseline of inverse needs"),
              (R.main, ["table", "--pg_epochs", "0"], "--pg_epochs 0: must be at least 1"),
              (TR.main, ["--clip_eps", "1.5"], "--clip_eps 1.5: must be in (0, 1)"),
-             (R.main, ["table", "--clip_eps", "0"], "--clip_eps 0.0: must be in (0, 1)")]
+             (R.main, ["table", "--clip_eps", "0"], "--clip_eps 0.0: must be in (0, 1)"),
+             # numeric ranges, each option's own (no inverted DPO, no NaN weights, no silent no-op)
+             (TI.main, ["--beta", "-1"], "--beta -1.0: must be a finite number above 0"),
+             (TI.main, ["--beta", "nan"], "--beta nan: must be a finite number above 0"),
+             (TI.main, ["--beta", "0"], "--beta 0.0: must be a finite number above 0"),
+             (TI.main, ["--dpo_lr", "0"], "--dpo_lr 0.0: must be a finite number above 0"),
+             (TI.main, ["--dpo_lr", "-1"], "--dpo_lr -1.0: must be a finite number above 0"),
+             (TR.main, ["--pg_lr", "inf"], "--pg_lr inf: must be a finite number above 0"),
+             (TI.main, ["--temperature", "-1"], "--temperature -1.0: must be a finite number, at least 0"),
+             (S.main, ["sft", "--n_test", "-1"], "--n_test -1: must be at least 1"),
+             (TI.main, ["--n_test", "0"], "--n_test 0: must be at least 1"),
+             (R.main, ["table", "--n_test", "0"], "--n_test 0: must be at least 1"),
+             (TI.main, ["--warmup", "2"], "--warmup 2.0: must be in [0, 1]"),
+             (TI.main, ["--sft_coef", "-0.5"], "--sft_coef -0.5: must be a finite number, at least 0"),
+             (TR.main, ["--kl_coef", "nan"], "--kl_coef nan: must be a finite number, at least 0"),
+             (TI.main, ["--context", "8", "--max_new_tokens", "8"], "--context 8: leaves no room for a prompt"),
+             (TI.main, ["--max_seq_len", "64"], "--max_seq_len 64: leaves no room for a prompt"),
+             # --model is inspect/eval's; a training run given it is refused, not run from --preset
+             (TI.main, ["--model", model_dir], f"--model {model_dir!r}: training starts from --preset"),
+             (TR.main, ["--model", model_dir], f"--model {model_dir!r}: training starts from --preset"),
+             (R.main, ["table", "--model", model_dir], f"--model {model_dir!r}: training starts from --preset")]
     for main, argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", out])
