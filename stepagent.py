@@ -353,8 +353,9 @@ class Method:
     lr       the policy optimiser's learning rate
     collect(model, tok, it, generator, partial) -> data
              this iteration's experience (inspection, or rollouts for the baselines) with whatever
-             must be computed under the iteration's starting policy (pi_ref, pi_old); picklable,
-             cached in <run>/collect-<it>.pt so a resumed iteration trains on the same data;
+             must be computed under the iteration's starting policy (pi_ref, pi_old); tensors and
+             plain containers (read back with weights_only), cached in <run>/collect-<it>.pt so a
+             resumed iteration trains on the same data;
              partial: a file for rollout() / inspect() to keep their finished part in (a killed collect resumes)
     n_updates(data) -> number of optimiser steps this iteration
     update(model, opt, data, b, it) -> metrics dict: the b-th update (forward, backward, step)
