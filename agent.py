@@ -6,7 +6,6 @@ pairs (`fit_context`); the task's first turn always stays.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import TYPE_CHECKING
@@ -218,8 +217,8 @@ def cached_evaluate(get_model, cfg: Config, split: str, n: int, out_dir: str, de
     (get_model is called only when it evaluates)."""
     path = os.path.join(out_dir, "summary.json")
     if os.path.exists(path):
-        s = json.load(open(path))
-        if (s.get("split"), s.get("n"), s.get("seed")) == (split, n, cfg.seed):
+        s = RT.read_json(path, "delete it to evaluate again")
+        if isinstance(s, dict) and (s.get("split"), s.get("n"), s.get("seed")) == (split, n, cfg.seed):
             return s
     model, tok = get_model()
     return evaluate(model, tok, cfg, split, n, out_dir, desc=desc)

@@ -333,7 +333,8 @@ def check_run_config(run: str, cfg, ignore: set) -> None:
     path = os.path.join(run, "config.json")
     now = dataclasses.asdict(cfg)
     if os.path.exists(path):
-        old = {**dataclasses.asdict(type(cfg)()), **json.load(open(path))}  # an option added since: its default
+        old = {**dataclasses.asdict(type(cfg)()),  # an option added since: its default
+               **read_json(path, "delete it to resume with this run's options")}
         diff = [k for k in now if k not in ignore and old[k] != now[k]]
         if diff:
             k = diff[0]
@@ -341,6 +342,16 @@ def check_run_config(run: str, cfg, ignore: set) -> None:
                      f"rerun with the same options to resume, or choose another --out")
     if P.is_main():
         envs.write_json(path, now)
+
+
+def read_json(path: str, fix: str):
+    """A JSON file of a run folder (trainer_state.json, config.json, ...); a damaged one (a kill
+    mid-write, a full disk) stops the run with one line naming it and `fix`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {path}: not valid JSON ({str(e).splitlines()[0][:120]}); {fix}")
 
 
 def truncate_log(path: str, step: int, collect_pending: bool) -> list[dict]:
@@ -351,8 +362,17 @@ def truncate_log(path: str, step: int, collect_pending: bool) -> list[dict]:
     kept (rank 0; [] on the others, which write no log)."""
     if not (os.path.exists(path) and P.is_main()):
         return []
-    raw = open(path).readlines()
-    rows = [json.loads(x) for x in raw]
+    raw, rows = open(path, encoding="utf-8", errors="replace").readlines(), []
+    for n, x in enumerate(raw):
+        try:
+            rows.append(json.loads(x))
+        except ValueError:
+            if n + 1 < len(raw):  # a damaged line inside the log is not a kill's torn write
+                sys.exit(f"error: {path}: line {n + 1} is not JSON; delete the run's folder to start it over")
+            tqdm.write(f"note: {path}: its last line was cut off (a kill or a full disk); dropped")
+            raw = raw[:n]
+    if raw and not raw[-1].endswith("\n"):
+        raw[-1] += "\n"
     keep = [i for i, x in enumerate(rows) if x.get("step", 0) <= step]
     while collect_pending and keep and "step" not in rows[keep[-1]]:
         keep.pop()

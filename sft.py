@@ -4,7 +4,6 @@ behaviour cloning, L_SFT = -sum_t log pi(a_t | s_t) over the assistant tokens (p
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -221,7 +220,8 @@ def train_sft(cfg: Config) -> str:
     ckpt = os.path.join(cfg.out, "sft")
     M.restore_checkpoint(ckpt)  # a save killed between its renames
     state_path = os.path.join(ckpt, "trainer_state.json")
-    state = json.load(open(state_path)) if os.path.exists(state_path) else {"epoch": 0, "step": 0}
+    state = (RT.read_json(state_path, f"delete {ckpt} to train the novice again") if os.path.exists(state_path)
+             else {"epoch": 0, "step": 0})
     n_pre = cfg.pretrain_epochs if cfg.preset == "tiny" else 0
     n_epochs = n_pre + cfg.sft_epochs
     pending = state.get("dev", {}) is None  # saved, then stopped in its dev evaluation
@@ -337,7 +337,8 @@ def _check_novice_options(cfg: Config, state: dict, finished: bool) -> None:
     A novice from before novice.json is checked on the precision its trainer_state.json recorded."""
     path = os.path.join(cfg.out, "novice.json")
     now = {k: getattr(cfg, k) for k in NOVICE + (NOVICE_TINY if cfg.preset == "tiny" else ())}
-    old = json.load(open(path)) if os.path.exists(path) else {k: state[k] for k in ("amp",) if k in state}
+    fix = "delete it (this run's options then go unchecked against the novice's)"
+    old = RT.read_json(path, fix) if os.path.exists(path) else {k: state[k] for k in ("amp",) if k in state}
     diff = [k for k in now if k in old and old[k] != now[k] and not (finished and k in ("amp", "fsdp"))]
     if diff:
         k = diff[0]

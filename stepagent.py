@@ -462,7 +462,8 @@ class Run:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=method.lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.state = {"iteration": 0, "batch": 0, "step": 0, "done": False}
         if resumed:
-            self.state = json.load(open(os.path.join(last, "trainer_state.json")))
+            self.state = RT.read_json(os.path.join(last, "trainer_state.json"),
+                                      f"delete {last} to rerun this method from the novice")
             P.load_optim_state(self.model, self.opt, os.path.join(last, "optimizer.pt"),
                                f"delete {last} to rerun this method from the novice")
             method.load_state_dict(RT.load_state(os.path.join(last, "method.pt"), f"delete {last} to rerun "
@@ -500,7 +501,7 @@ class Run:
         path, took = self.path(f"collect-{it + 1}.pt"), self.path(f"collect-{it + 1}-seconds.json")
         if os.path.exists(path):
             if os.path.exists(took):
-                self.timed.update(json.load(open(took)))
+                self.timed.update(RT.read_json(took, "delete it (it only times the collect)"))
             return RT.load_state(path, "delete it to collect this iteration again")
         partial = self.path(f"collect-{it + 1}-partial.pt")
         t0 = time.time() - RT.partial_seconds(partial)
