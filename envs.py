@@ -213,9 +213,17 @@ def load_trajectories(path: str) -> list[dict]:
         if not isinstance(rec["conversations"], list):
             raise ValueError(f"{path}: record {i} field 'conversations' should be a list of turns, "
                              f"got {type(rec['conversations']).__name__}")
+        if not rec["conversations"]:
+            raise ValueError(f"{path}: record {i} has an empty 'conversations' list")
         for j, turn in enumerate(rec["conversations"]):
             if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or "value" not in turn:
                 raise ValueError(f"{path}: record {i} turn {j}: expected {{'from': 'human'|'gpt', 'value': ...}}")
+            if not isinstance(turn["value"], str):
+                raise ValueError(f"{path}: record {i} turn {j}: 'value' should be a string, got "
+                                 f"{type(turn['value']).__name__}")
+            if turn["from"] != ("human" if j % 2 == 0 else "gpt"):  # a chat: the task's turn first, then by turns
+                raise ValueError(f"{path}: record {i} turn {j}: a {turn['from']!r} turn where "
+                                 f"{'human' if j % 2 == 0 else 'gpt'!r} belongs (turns alternate, a human turn first)")
         rec.setdefault("id", str(i))
         rec.setdefault("reward", None)
     return data

@@ -77,6 +77,15 @@ class ModelArgs:
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if k not in cfg:
                 raise bad(k, "is missing")
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = cfg.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad(k, f"is {v!r}; a whole number of at least 1 is needed")
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = cfg.get(k)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+                raise bad(k, f"is {v!r}; a number above 0 is needed")
         n_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
         # transformers >= 5 keeps theta and scaling in `rope_parameters`; older files use the top level

@@ -101,8 +101,12 @@ def _make_tiny_base(cfg: Config, records: list[dict], path: str) -> None:
 
 
 def load(path: str, cfg: Config):
-    model, tok = M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype,
-                              max_seq_len=cfg.context or None)
+    """(model, tokenizer) of a model folder for this run; a broken one stops it with one line."""
+    try:
+        model, tok = M.load_model(path, device=P.get_device(cfg.device), dtype=cfg.dtype,
+                                  max_seq_len=cfg.context or None)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     model.grad_ckpt = cfg.grad_ckpt
     return model, tok
 

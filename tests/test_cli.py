@@ -2,11 +2,13 @@
 and resume behaviour. A micro model learns nothing; these check plumbing, not quality."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+
 import runtime as RT
 import stepagent as S
 
@@ -110,6 +112,29 @@ def test_model_sample_command(run_dir):
         assert last.endswith("exceeds the context (2048); shorten the prompt or --max_new_tokens, or load with a "
                              "larger --context")
 
+
+
+def test_a_broken_checkpoint_is_one_line_from_eval_and_a_train_script(run_dir, tmp_path):
+    """A checkpoint with a truncated weights file, or a config.json field of the wrong type, given to
+    stepagent.py eval or as a train script's --preset: one line naming the file (and field)."""
+    good = os.path.join(run_dir, "sft")
+    cases = []
+    for name, edit, msg in (("truncated", "model.safetensors", "model.safetensors: cannot read safetensors"),
+                            ("wrong-type", "config.json", "config.json: field 'hidden_size' is '32'; a whole number")):
+        bad = str(tmp_path / name)
+        shutil.copytree(good, bad)
+        path = os.path.join(bad, edit)
+        if edit == "config.json":
+            cfg = json.load(open(path))
+            json.dump({**cfg, "hidden_size": str(cfg["hidden_size"])}, open(path, "w"))
+        else:
+            open(path, "wb").write(open(path, "rb").read()[:100])
+        cases += [(["stepagent.py", "eval", *MICRO, "--model", bad, "--out", str(tmp_path / f"eval-{name}")], msg),
+                  (["train_implicit.py", *MICRO, "--preset", bad, "--out", str(tmp_path / f"train-{name}")], msg)]
+    for argv, msg in cases:
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and "Traceback" not in r.stderr and msg in last and last.startswith("error: "), last
 
 def test_sft_with_every_trajectory_past_the_context_says_so_in_one_line(tmp_path):
     """--max_seq_len below every expert trajectory's length: nothing to train on, one line (it used to

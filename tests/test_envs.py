@@ -58,6 +58,11 @@ def test_trajectory_roundtrip_and_foreign_file(tmp_path):
     ('[{"conversations": [{"from": "bot", "value": "x"}]}]', "record 0 turn 0"),
     ('[{"conversations": 5}]', "record 0 field 'conversations' should be a list of turns, got int"),
     ('[{"conversations": "ab"}]', "record 0 field 'conversations' should be a list of turns, got str"),
+    ('[{"conversations": []}]', "record 0 has an empty 'conversations' list"),
+    ('[{"conversations": [{"from": "human", "value": 3}]}]', "record 0 turn 0: 'value' should be a string, got int"),
+    ('[{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}]',
+     "record 0 turn 2: a 'gpt' turn where 'human' belongs"),
+    ('[{"conversations": [{"from": "gpt", "value": "a"}]}]', "record 0 turn 0: a 'gpt' turn where 'human' belongs"),
 ])
 def test_bad_trajectory_files_name_the_problem(tmp_path, content, msg):
     p = tmp_path / "bad.json"
