@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- conversations
 
 
-_warned_overflow = False
+_noted: set[str] = set()  # the context notes already given (each said once a process)
 
 
 CONTEXT_CUT = 0.25  # share of the prompt budget an overflowing conversation frees at once (0: a pair at a time)
@@ -45,19 +45,28 @@ def fit_context(tok: T.Tokenizer, messages: list[dict], budget: int, keep: int =
     to (1 - CONTEXT_CUT) of the budget, so the next turns append to an unchanged history and
     model.ChatCache re-prefills a conversation once per quarter-context of new turns, not at every
     turn. The caller keeps `drop` per conversation. Says once that it happened."""
-    global _warned_overflow
     def chat(d):
         return tok.encode_chat(messages[:keep] + messages[keep + 2 * d:], add_generation_prompt=True)[0]
-    ids = chat(drop)
+    ids, before = chat(drop), drop
     if len(ids) > budget:
-        if not _warned_overflow:
-            tqdm.write(f"note: a conversation exceeded the context ({budget} tokens for the prompt); "
-                       "dropping its oldest observation/action pairs (said once)")
-            _warned_overflow = True
         while len(ids) > int(budget * (1 - CONTEXT_CUT)) and keep + 2 * drop + 3 <= len(messages):
             drop += 1
             ids = chat(drop)
-    return (ids[-budget:] if len(ids) > budget else ids), drop
+        if drop > before:
+            _note_once("pairs", f"note: a conversation exceeded the context ({budget} tokens for the prompt); "
+                                "dropping its oldest observation/action pairs (said once)")
+        if len(ids) > budget:  # what must stay (the task's first turn) is longer than the budget itself
+            _note_once("head", f"note: a task's first turn ({len(ids)} tokens with the prompt's frame) is longer "
+                               f"than the {budget} tokens the context leaves beside --max_new_tokens; only its last "
+                               f"{budget} are kept (raise --context or lower --max_new_tokens; said once)")
+            ids = ids[-budget:]
+    return ids, drop
+
+
+def _note_once(kind: str, text: str) -> None:
+    if kind not in _noted:
+        _noted.add(kind)
+        tqdm.write(text)
 
 
 def turn_spans(tok: T.Tokenizer, messages: list[dict], max_len: int | None = None):

@@ -205,6 +205,20 @@ def test_fit_context_drops_oldest_pairs_keeps_first_turn(tiny, monkeypatch):
     assert drop >= 1 and ids == enc(shot + CONV[:1] + CONV[1 + 2 * drop:-1])
 
 
+
+def test_fit_context_says_what_it_cut(tiny, monkeypatch, capsys):
+    """The note names what was cut: the oldest pairs, or (a budget below the task's first turn, e.g.
+    --context 8 with --max_new_tokens 4) the first turn's head, not pairs that were never there."""
+    _, tok = tiny
+    monkeypatch.setattr(AG, "_noted", set())
+    first = CONV[:1]
+    ids, drop = AG.fit_context(tok, first, 4)
+    out = capsys.readouterr().out
+    assert len(ids) == 4 and drop == 0 and "first turn" in out and "pairs" not in out
+    full = tok.encode_chat(CONV[:-1], add_generation_prompt=True)[0]
+    AG.fit_context(tok, CONV[:-1], len(full) - 5)
+    assert "dropping its oldest observation/action pairs" in capsys.readouterr().out
+
 def test_fit_context_keeps_the_history_fixed_between_cuts(tiny):
     """A growing conversation over budget: each cut frees a quarter of the context, so the next turns
     append to an unchanged prompt (a cache hit for ChatCache) until the budget is reached again."""
