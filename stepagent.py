@@ -403,10 +403,13 @@ def _check_run_config(run: str, cfg: Config) -> None:
 
 
 def refuse_model(cfg: Config) -> None:
-    """--model is the model stepagent.py inspect/eval read; a training run starts from --preset."""
+    """--model and --split are stepagent.py inspect/eval's; a training run refuses them (it starts from
+    --preset, and evaluates on dev and test) rather than ignore them."""
     if cfg.model:
         sys.exit(f"error: --model {cfg.model!r}: training starts from --preset (tiny, smollm2, or a model "
                  f"folder such as this one); --model is for stepagent.py inspect and eval")
+    if cfg.split != type(cfg)().split:
+        sys.exit(f"error: --split {cfg.split!r}: training evaluates on dev and test; --split is for stepagent.py eval")
 
 
 def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str, dict]]:

@@ -253,7 +253,8 @@ def test_impossible_options_are_refused_before_any_work(tmp_path):
              # --model is inspect/eval's; a training run given it is refused, not run from --preset
              (TI.main, ["--model", model_dir], f"--model {model_dir!r}: training starts from --preset"),
              (TR.main, ["--model", model_dir], f"--model {model_dir!r}: training starts from --preset"),
-             (R.main, ["table", "--model", model_dir], f"--model {model_dir!r}: training starts from --preset")]
+             (R.main, ["table", "--model", model_dir], f"--model {model_dir!r}: training starts from --preset"),
+             (TI.main, ["--split", "dev"], "--split 'dev': training evaluates on dev and test")]
     for main, argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", out])
