@@ -1,41 +1,37 @@
 """Web shopping in the text mode of WebShop (Yao et al. 2022), offline.
 
-Mirrors WebShop's simple text observations (`[SEP]`-joined page text), its pages (search, results
-with 10 products a page and `Next >` / `< Prev`, item page with option groups, Description and
-Features sub-pages, `Back to Search`), its two actions `search[query]` and `click[label]`, and its
-reward (web_agent_site/engine/goal.py):
+Mirrors WebShop's simple text observations (`[SEP]`-joined page text), its pages (search, results with 10 products
+a page and `Next >` / `< Prev`, item page with option groups, Description and Features sub-pages, `Back to Search`),
+its two actions `search[query]` and `click[label]`, and its reward (web_agent_site/engine/goal.py):
 
     r = r_type * (|U_att & Y_att| + |U_opt & Y_opt| + 1[y_price <= u_price]) / (|U_att| + |U_opt| + 1)
 
-The products come from a generated catalogue (10 categories, 1,500 products, fixed seed) with
-goals in WebShop's instruction style, or from the real WebShop files: `WebShopEnv(data_dir=...)`
-reads items_shuffle*.json, items_ins_v2*.json and items_human_ins.json (human goals).
+The products come from a generated catalogue (10 categories, 1,500 products, fixed seed) with goals in WebShop's
+instruction style, or from the real WebShop files: `WebShopEnv(data_dir=...)` reads items_shuffle*.json,
+items_ins_v2*.json and items_human_ins.json (human goals).
 
 Departures from WebShop, on purpose:
-- Search is our own BM25 (Lucene's k1=0.9, b=0.4) over the text WebShop indexes (title, description,
-  first bullet point, option values; generated products: title, attributes, type, option values).
-- Clicking an option answers "You have clicked <value>." as in the ReAct/ETO WebShop prompts, not
-  the whole item page again; item pages show no Rating / Reviews (reviews.json is not loaded).
-- r_type keeps WebShop's rule (query match, >= 2 shared category levels, or title overlap > 0.2
-  gives 1; else 0.5; overlap < 0.1 gives 0.1; no overlap gives 0) but measures title overlap on
-  non-stopword words instead of spaCy nouns. Attribute and option matching keep WebShop's rules
-  (token-set fuzzy ratio > 85, exact for size options, attribute text found in the title/features/
-  description) with difflib's ratio standing in for thefuzz's, and without colour normalisation.
-  Goal options a purchase did not choose count as unmatched. Options are stricter than WebShop's
-  get_option_reward: each goal option counts at most once, and only when a chosen value matches it;
-  WebShop also counts a chosen value found in the product's title, bullets or description, and counts
-  over the chosen options (so a wrong option that appears in the text, e.g. "pro" in "waterproof",
-  earns credit there and not here).
-- Real data: a product's price is the low end of its price range (WebShop draws one at random);
-  the price bound of a goal is drawn as in WebShop but with a per-goal fixed seed. Real splits
-  follow WebShop's (goals shuffled with seed 233; test = first 500, dev = next 1,000, rest train;
-  a sixth each for small files); there is no test_unseen split on real data.
-- Generated data: test_unseen holds the goals of two categories (pet supplies, toys) that no
-  train/dev/test goal uses; their products stay in the catalogue for every split.
+- Search is our own BM25 (Lucene's k1=0.9, b=0.4) over the text WebShop indexes (title, description, first bullet
+  point, option values; generated products: title, attributes, type, option values).
+- Clicking an option answers "You have clicked <value>." as in the ReAct/ETO WebShop prompts, not the whole item
+  page again; item pages show no Rating / Reviews (reviews.json is not loaded).
+- r_type keeps WebShop's rule (query match, >= 2 shared category levels, or title overlap > 0.2 gives 1; else 0.5;
+  overlap < 0.1 gives 0.1; no overlap gives 0) but measures title overlap on non-stopword words instead of spaCy
+  nouns. Attribute and option matching keep WebShop's rules (token-set fuzzy ratio > 85, exact for size options,
+  attribute text found in the title/features/description) with difflib's ratio standing in for thefuzz's, and
+  without colour normalisation. Goal options a purchase did not choose count as unmatched. Options are stricter
+  than WebShop's get_option_reward: each goal option counts at most once, and only when a chosen value matches it;
+  WebShop also counts a chosen value found in the product's title, bullets or description, and counts over the
+  chosen options (so a wrong option found in the text, e.g. "pro" in "waterproof", earns credit there, not here).
+- Real data: a product's price is the low end of its price range (WebShop draws one at random); a goal's price
+  bound is drawn as in WebShop but with a per-goal fixed seed. Real splits follow WebShop's (goals shuffled with
+  seed 233; test = first 500, dev = next 1,000, rest train; a sixth each for small files); no test_unseen split.
+- Generated data: test_unseen holds the goals of two categories (pet supplies, toys) that no train/dev/test goal
+  uses; their products stay in the catalogue for every split.
 
-The expert knows the catalogue: it searches with the goal's attributes, type and option values,
-opens the first listed product of the goal's type that can reach reward 1 (paging if needed, or
-searching the target's name if the top 50 miss), clicks the goal's options and buys.
+The expert knows the catalogue: it searches with the goal's attributes, type and option values, opens the first
+listed product of the goal's type that can reach reward 1 (paging if needed, or searching the target's name if the
+top 50 miss), clicks the goal's options and buys.
 """
 from __future__ import annotations
 
@@ -212,19 +208,22 @@ def _read_json(path: str, kind: type):
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid {'UTF-8' if type(e) is UnicodeDecodeError else 'JSON'} ({e})") from None
     if not isinstance(data, kind):
         raise ValueError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
     return data
 
 
-def _field(path: str, where: str, record, name: str, kind=None):
-    if not isinstance(record, dict) or name not in record:
+def _field(path: str, where: str, record, name: str, kind=None, each: type | None = None, need: bool = True):
+    if not isinstance(record, dict) or need and name not in record:
         raise ValueError(f"{path}: {where} has no field {name!r}")
-    if kind is not None and record[name] is not None and not isinstance(record[name], kind):
+    if kind is not None and record.get(name) is not None and not isinstance(record.get(name), kind):
         raise ValueError(f"{path}: {where} field {name!r} should be a {getattr(kind, '__name__', kind)}")
-    return record[name]
+    items = list(value.values()) if isinstance(value := record.get(name), dict) else value or []
+    if each is not None and not (isinstance(items, list) and all(isinstance(v, each) for v in items)):
+        raise ValueError(f"{path}: {where} field {name!r} should be a list of {each.__name__}, got {value!r:.80}")
+    return value
 
 
 def _parse_pricing(path: str, where: str, value) -> list[float]:
@@ -236,22 +235,24 @@ def _parse_pricing(path: str, where: str, value) -> list[float]:
         except (TypeError, ValueError):
             raise ValueError(f"{path}: {where} field 'pricing' should hold numbers, got {value!r:.80}") from None
     nums = [re.sub(r"[^\d.]", "", s) for s in str(value or "").split("$")[1:]]
-    return [float(n) for n in nums if n.replace(".", "", 1).isdigit()][:2]
+    if not (prices := [float(n) for n in nums if n.replace(".", "", 1).isdigit()][:2]) and str(value or "").strip():
+        raise ValueError(f"{path}: {where} field 'pricing' should be a price like '$12.99', got {value!r:.80}")
+    return prices
 
 
 def _load_real(data_dir: str) -> tuple[list[dict], dict[str, list[dict]]]:
-    prod_path = _data_file(data_dir, "items_shuffle*.json")
-    attr_path = _data_file(data_dir, "items_ins_v2*.json")
-    human_path = _data_file(data_dir, "items_human_ins.json")
+    prod_path, attr_path, human_path = (_data_file(data_dir, pattern) for pattern in
+                                        ("items_shuffle*.json", "items_ins_v2*.json", "items_human_ins.json"))
     raw, attrs, human = _read_json(prod_path, list), _read_json(attr_path, dict), _read_json(human_path, dict)
     products, seen = [], set()
     for i, r in enumerate(raw):
         where = f"product {i}"
-        asin = str(_field(prod_path, where, r, "asin"))
+        if not isinstance(asin := _field(prod_path, where, r, "asin"), str):
+            raise ValueError(f"{prod_path}: {where} field 'asin' should be a string, got {asin!r:.80}")
         if asin == "nan" or len(asin) > 10 or asin in seen:  # skipped by WebShop too
             continue
         seen.add(asin)
-        pricing = _parse_pricing(prod_path, where, _field(prod_path, where, r, "pricing")) or [100.0]
+        pricing = _parse_pricing(prod_path, where, _field(prod_path, where, r, "pricing")) or [100.0]  # as WebShop
         opts = {}
         for name, contents in (_field(prod_path, where, r, "customization_options", dict) or {}).items():
             if not isinstance(contents, (list, type(None))):
@@ -269,8 +270,8 @@ def _load_real(data_dir: str) -> tuple[list[dict], dict[str, list[dict]]]:
              "query": str(_field(prod_path, where, r, "query", str)).lower().strip(),
              "category": _field(prod_path, where, r, "category"),
              "product_category": str(_field(prod_path, where, r, "product_category", str)),
-             "attributes": entry.get("attributes") or ["DUMMY_ATTR"], "options": opts,
-             "price": pricing[0], "price_tag": " to ".join(f"${x}" for x in pricing),
+             "attributes": _field(attr_path, asin, entry, "attributes", list, str, need=False) or ["DUMMY_ATTR"],
+             "options": opts, "price": pricing[0], "price_tag": " to ".join(f"${x}" for x in pricing),
              "description": str(r.get("full_description") or ""), "features": [str(b) for b in bullets]}
         p["doc"] = " ".join([p["title"], p["description"], (p["features"] or [""])[0],
                              " ".join(f"{k}: {', '.join(v)}" for k, v in opts.items())])
@@ -282,14 +283,16 @@ def _load_real(data_dir: str) -> tuple[list[dict], dict[str, list[dict]]]:
             raise ValueError(f"{human_path}: {p['asin']} should be a list of instructions, got {type(entries).__name__}")
         for j, ins in enumerate(entries):
             where = f"{p['asin']} instruction {j}"
-            goal_attrs = _field(human_path, where, ins, "instruction_attributes", list) or []
+            goal_attrs = _field(human_path, where, ins, "instruction_attributes", list, str) or []
             if not goal_attrs:  # WebShop skips goals without attributes
                 continue
-            opts = ins.get("instruction_options") or []
-            opts = list(opts.values()) if isinstance(opts, dict) else list(opts)
+            opts = _field(human_path, where, ins, "instruction_options", each=str, need=False) or []
+            opts = list(opts.values()) if isinstance(opts, dict) else opts
             upper = _price_upper(p["price"], random.Random(f"{p['asin']}-{j}"))
             text = str(_field(human_path, where, ins, "instruction", str)).strip(".") + _price_text(upper)
             goals.append(_goal(p, text, goal_attrs, [_norm(o) for o in opts], upper))
+    if not goals:  # usable: an asin not 'nan', over 10 characters or repeated; attributes and a listed product
+        raise ValueError(f"{human_path}: no usable instructions" if products else f"{prod_path}: no usable products")
     random.Random(233).shuffle(goals)
     n_test, n_dev = min(500, max(1, len(goals) // 6)), min(1000, max(1, len(goals) // 6))
     return products, {"test": goals[:n_test], "dev": goals[n_test:n_test + n_dev], "train": goals[n_test + n_dev:]}
@@ -363,13 +366,11 @@ def _content_words(title: str) -> set[str]:
 
 
 def type_reward(product: dict, goal: dict) -> float:
-    """WebShop's r_type: same query or >= 2 shared category levels or title overlap > 0.2 -> 1.
-
-    As in WebShop's rule, a product of another type in the same subcategory (2 shared levels of the
-    generated catalogue's 3, e.g. mascara for a lipstick goal) gets r_type 1: 382 of the 546 test goals
-    can be met in full (reward 1) by another type of their subcategory, and for 206 a product of another
-    type that scores 1 is on page 1 of a search for the instruction's text (204 of them of the same
-    subcategory). The expert always buys the goal's own type."""
+    """WebShop's r_type: same query or >= 2 shared category levels or title overlap > 0.2 -> 1. As in WebShop's
+    rule, a product of another type in the same subcategory (2 shared levels of the generated catalogue's 3, e.g.
+    mascara for a lipstick goal) gets r_type 1: 382 of the 546 test goals can be met in full (reward 1) by another
+    type of their subcategory, and for 206 a product of another type that scores 1 is on page 1 of a search for the
+    instruction's text (204 of them of the same subcategory). The expert always buys the goal's own type."""
     query_match = product["query"] == goal["query"]
     levels = lambda c: {x.strip() for x in c.split("›")}  # noqa: E731
     category_match = len(levels(product["product_category"]) & levels(goal["product_category"])) >= 2
@@ -384,10 +385,9 @@ def _attr_matched(attr: str, product: dict) -> bool:
 
 
 def _option_matched(name: str, value: str, goal_value: str) -> bool:
-    """Sizes match exactly; other options by fuzzy token_set_ratio > 85, as in WebShop, so '1 liter' and
-    '1.7 liter' match each other (token sets {1, liter} and {1, 7, liter}): a goal asking for either is
-    met by the other on a product offering both, which 43 train, 8 dev and 4 test goals allow (no
-    test_unseen goal)."""
+    """Sizes match exactly; other options by fuzzy token_set_ratio > 85, as in WebShop, so '1 liter' and '1.7 liter'
+    match each other (token sets {1, liter} and {1, 7, liter}): a goal asking for either is met by the other on a
+    product offering both, which 43 train, 8 dev and 4 test goals allow (no test_unseen goal)."""
     if "size" in name.lower():  # WebShop matches sizes exactly
         return _norm(value) == _norm(goal_value)
     return token_set_ratio(value, goal_value) > 85

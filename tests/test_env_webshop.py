@@ -406,3 +406,68 @@ def test_real_data_bad_files(tmp_path):
     os.remove(tmp_path / "items_ins_v2_1000.json")
     with pytest.raises(FileNotFoundError, match="items_ins_v2"):
         WebShopEnv(data_dir=str(tmp_path))
+
+
+def _damage_json(name, change):
+    """A damage to one fixture file: change(obj) edits the parsed file in place (or returns a replacement)."""
+    def damage(d):
+        obj = json.loads((d / name).read_text(encoding="utf-8"))
+        new = change(obj)
+        obj = obj if new is None else new
+        (d / name).write_text(json.dumps(obj), encoding="utf-8")
+    return damage
+
+
+def _latin1_products(d):
+    data = (d / "items_shuffle_1000.json").read_bytes()
+    (d / "items_shuffle_1000.json").write_bytes(data.replace(b"Rosy", b"Ros\xe9", 1))  # "Rosé" in Latin-1
+
+
+@pytest.mark.parametrize("damage, msg", [
+    (_damage_json("items_shuffle_1000.json", lambda ps: []), "items_shuffle_1000.json: no usable products"),
+    (_damage_json("items_human_ins.json", lambda h: {}), "items_human_ins.json: no usable instructions"),
+    (_damage_json("items_human_ins.json", lambda h: {a: [dict(i, instruction_attributes=[]) for i in ins]
+                                                      for a, ins in h.items()}),
+     "items_human_ins.json: no usable instructions"),
+    (_latin1_products, "items_shuffle_1000.json: not valid UTF-8 ('utf-8' codec can't decode byte 0xe9 in position "),
+    (_damage_json("items_human_ins.json", lambda h: h["B0LIP00001"][0].update(instruction_options="red")),
+     "items_human_ins.json: B0LIP00001 instruction 0 field 'instruction_options' should be a list of str, got 'red'"),
+    (_damage_json("items_human_ins.json", lambda h: h["B0LIP00002"][0].update(instruction_options={"color": 5})),
+     "items_human_ins.json: B0LIP00002 instruction 0 field 'instruction_options' should be a list of str"),
+    (_damage_json("items_human_ins.json", lambda h: h["B0LIP00003"][1].update(instruction_attributes=["vegan", 7])),
+     "items_human_ins.json: B0LIP00003 instruction 1 field 'instruction_attributes' should be a list of str, "
+     "got ['vegan', 7]"),
+    (_damage_json("items_ins_v2_1000.json", lambda a: a["B0CHP00002"].update(attributes=["baked", None])),
+     "items_ins_v2_1000.json: B0CHP00002 field 'attributes' should be a list of str, got ['baked', None]"),
+    (_damage_json("items_shuffle_1000.json", lambda ps: ps[3].update(pricing="4.99")),
+     "items_shuffle_1000.json: product 3 field 'pricing' should be a price like '$12.99', got '4.99'"),
+    (_damage_json("items_shuffle_1000.json", lambda ps: ps[4].update(pricing="$ call us")),
+     "items_shuffle_1000.json: product 4 field 'pricing' should be a price like '$12.99', got '$ call us'"),
+    (_damage_json("items_shuffle_1000.json", lambda ps: ps[1].update(asin=12345)),
+     "items_shuffle_1000.json: product 1 field 'asin' should be a string, got 12345"),
+    (_damage_json("items_shuffle_1000.json", lambda ps: ps[2].update(asin=None)),
+     "items_shuffle_1000.json: product 2 field 'asin' should be a string, got None"),
+], ids=["no-products", "no-instructions", "no-instruction-with-attributes", "not-utf8", "options-str",
+        "options-dict-int", "attributes-int", "ins-v2-attributes-none", "price-no-dollar", "price-unreadable",
+        "asin-int", "asin-none"])
+def test_real_data_bad_values(tmp_path, damage, msg):
+    """Each bad file or field is one ValueError naming the file, the record and the field, raised on loading."""
+    write_fixture(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        WebShopEnv(data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        envs.make("webshop", "train", data_dir=str(tmp_path))
+
+
+def test_real_data_price_formats(tmp_path):
+    """Every price format read before stays accepted; only an empty price is WebShop's $100.0."""
+    products, _ = write_fixture(tmp_path)
+    prices = ["$12.99", "$10.00 to $20.00", 7, [3.5, "4.5"], "", "  "]
+    for p, price in zip(products, prices):
+        p["pricing"] = price
+    (tmp_path / "items_shuffle_1000.json").write_text(json.dumps(products), encoding="utf-8")
+    shop = WebShopEnv(data_dir=str(tmp_path)).shop
+    got = [(shop.by_asin[p["asin"]]["price"], shop.by_asin[p["asin"]]["price_tag"]) for p in products]
+    assert got == [(12.99, "$12.99"), (10.0, "$10.0 to $20.0"), (7.0, "$7.0"), (3.5, "$3.5 to $4.5"),
+                   (100.0, "$100.0"), (100.0, "$100.0")]
