@@ -341,6 +341,8 @@ def load_hotpotqa(path: str) -> dict[str, dict]:
             if not isinstance(r[name], typ):
                 raise ValueError(f"{where}: field {name!r} should be a {typ.__name__}")
         where = f"{path}: question {i} (_id {r['_id']})"
+        if empty := [name for name in ("context", "supporting_facts") if not r[name]]:
+            raise ValueError(f"{where}: field {empty[0]!r} is empty: the expert has no supporting fact to walk")
         pages: dict[str, list[str]] = {}
         for c in r["context"]:
             if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], list)
@@ -353,6 +355,8 @@ def load_hotpotqa(path: str) -> dict[str, dict]:
                 raise ValueError(f"{where}: field 'supporting_facts' should hold [title, sentence id] pairs")
             if sf[0] not in pages:
                 raise ValueError(f"{where}: field 'supporting_facts' names {sf[0]!r}, not a 'context' title")
+            if not sf[0].strip():
+                raise ValueError(f"{where}: field 'supporting_facts' names a blank title, which no search opens")
         if r["_id"] in out:
             raise ValueError(f"{where}: duplicate '_id'")
         out[r["_id"]] = dict(question=r["question"], answer=r["answer"], pages=pages,
@@ -402,8 +406,8 @@ class Corpus:
             for g in grams:
                 self.index.setdefault(g, []).append(t)
 
-    def find(self, entity: str) -> str | None:
-        return self.by_key.get(_key(entity))
+    def find(self, entity: str) -> str | None:  # an exact title first: titles may differ only in case
+        return entity if entity in self.pages else self.by_key.get(_key(entity))
 
     def similar(self, entity: str, k: int = 5) -> list[str]:
         q = _grams(entity)

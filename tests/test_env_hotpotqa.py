@@ -299,6 +299,44 @@ def test_real_file_errors(tmp_path):
         assert f"damaged{i}.json" in message and name in message and "\n" not in message, message
 
 
+
+def _blank_title_fact(r):
+    r["context"].append(["  ", ["A page with a blank title."]])
+    r["supporting_facts"].append(["  ", 0])
+
+
+@pytest.mark.parametrize("field, damage", [  # records the expert cannot walk: refused when the file loads
+    ("context", lambda r: r.update(context=[], supporting_facts=[])),  # crashed the expert (IndexError)
+    ("supporting_facts", lambda r: r.update(supporting_facts=[])),  # crashed the expert (IndexError)
+    ("supporting_facts", _blank_title_fact),  # the expert's demonstration held an invalid search[  ]
+])
+def test_real_file_records_the_expert_cannot_walk(tmp_path, field, damage):
+    records = json.loads(json.dumps(FIXTURE))
+    damage(records[1])
+    path = tmp_path / "damaged.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError) as err:
+        HotpotQAEnv.make_tasks("dev", data_file=str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: question 1 (_id q-compare): field {field!r}"), message
+    assert "\n" not in message, message
+
+
+def test_real_file_titles_differing_only_in_case(tmp_path):
+    # a distractor titled as a supporting page up to case no longer hides it from the expert's search
+    records = json.loads(json.dumps(FIXTURE))
+    records[0]["context"].append(_paragraph("VELMORA TOWER", ["VELMORA TOWER is a song.", "It was a hit."]))
+    path = tmp_path / "twins.json"
+    path.write_text(json.dumps(records))
+    task = next(t for t in HotpotQAEnv.make_tasks("dev", data_file=str(path)) if t.data["qid"] == "q-bridge")
+    env = HotpotQAEnv(data_file=str(path))
+    turns = env.expert(task)
+    observations, reward, done = replay(env, task, turns)
+    assert done and reward == 1.0 and TOWER[6] in " ".join(observations), observations
+    env.reset(task)
+    assert env.step("search[VELMORA TOWER]")[0].startswith("VELMORA TOWER is a song.")
+    assert env.step("search[Velmora Tower]")[0].startswith(TOWER[0])
+
 def test_real_task_replays_from_the_envs_own_file_after_the_original_moved(hotpot_file, tmp_path):
     task = HotpotQAEnv.make_tasks("test", data_file=hotpot_file, n=1, seed=2)[0]
     moved = tmp_path / "moved.json"
