@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = RT.parse_config(TableConfig, argv[1:])  # prints the config: not for a report, which trains nothing
     table_methods = list(METHODS) if cfg.methods == "all" else names(cfg.methods)
     if argv[0] != "report":
-        S.refuse_model(cfg)
+        RT.refuse_eval_options(cfg)
     grouped = GROUP & set(table_methods if argv[0] == "table" else [] if cfg.what == "k" else names(cfg.sweep_methods))
     if cfg.k < 2 and grouped and argv[0] != "report":  # a cell skips train_irl's main, which refuses it too
         sys.exit(f"error: --k {cfg.k}: the group baseline of {', '.join(sorted(grouped))} needs at least 2 samples per state")

@@ -101,6 +101,16 @@ def within(cfg, name: str, lo: float, hi: float) -> None:
         sys.exit(f"error: --{name} {v}: must be in [{lo}, {hi}]")
 
 
+def refuse_eval_options(cfg) -> None:
+    """--model and --split are stepagent.py inspect/eval's; a training run refuses them (it starts from
+    --preset, and evaluates on dev and test) rather than ignore them."""
+    if cfg.model:
+        sys.exit(f"error: --model {cfg.model!r}: training starts from --preset (tiny, smollm2, or a model "
+                 f"folder such as this one); --model is for stepagent.py inspect and eval")
+    if cfg.split != type(cfg)().split:
+        sys.exit(f"error: --split {cfg.split!r}: training evaluates on dev and test; --split is for stepagent.py eval")
+
+
 def print_help(text: str) -> None:
     """Print text and exit 0, quietly when the reader has gone (`--help | head`)."""
     try:

@@ -68,8 +68,7 @@ class Config:
     n_dev: int = opt(20, "dev tasks evaluated after each SFT epoch / iteration")
     n_test: int = opt(100, "test tasks in each final evaluation (the results tables use 200+)")
     split: str = opt("test", "eval: which split")
-    # tiny preset (a from-scratch Llama on the env's own text): 2.06M parameters by default, sized for
-    # the main job's 10 minutes on 2 cores; the results tables use dim 256, 4 layers, 4 heads (4.24M)
+    # tiny preset (a from-scratch Llama on the env's text): 2.06M parameters; the results tables use 4.24M
     vocab_size: int = 2048
     dim: int = 192
     n_layers: int = 3
@@ -107,7 +106,7 @@ class Config:
                                  "contexts)")
     fsdp: bool = opt(False, "torchrun: shard the policy's weights, gradients and optimiser state over the ranks "
                             "(FSDP2)")
-    # the values a str option may take (a subclass's entries add to or replace these; check_config refuses others)
+    # a str option's values (a subclass's entries add to or replace these; check_config refuses others)
     CHOICES: ClassVar[dict] = {"env": tuple(envs.ENVS), "amp": ("auto", "bf16", "none"), "dtype": tuple(M.DTYPES)}
 
     def check(self) -> None:
@@ -402,16 +401,6 @@ def _check_run_config(run: str, cfg: Config) -> None:
     RT.check_run_config(run, cfg, RESUMABLE | (set() if cfg.preset == "tiny" else set(SFT.NOVICE_TINY)))
 
 
-def refuse_model(cfg: Config) -> None:
-    """--model and --split are stepagent.py inspect/eval's; a training run refuses them (it starts from
-    --preset, and evaluates on dev and test) rather than ignore them."""
-    if cfg.model:
-        sys.exit(f"error: --model {cfg.model!r}: training starts from --preset (tiny, smollm2, or a model "
-                 f"folder such as this one); --model is for stepagent.py inspect and eval")
-    if cfg.split != type(cfg)().split:
-        sys.exit(f"error: --split {cfg.split!r}: training evaluates on dev and test; --split is for stepagent.py eval")
-
-
 def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str, dict]]:
     """The StepAgent loop, shared by both reflection strategies and their baselines:
 
@@ -420,7 +409,7 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
     Rerunning the same command after a crash or kill -9 resumes (Run) and ends with the same numbers
     as an uninterrupted run. Under torchrun every rank runs this loop (collect shards and gathers,
     each update takes this rank's slice of the global batch, rank 0 writes). Returns the table rows."""
-    refuse_model(cfg)
+    RT.refuse_eval_options(cfg)
     RT.seed_all(cfg.seed)
     novice = SFT.train_sft(cfg)
     _check_run_config(os.path.join(cfg.out, method.name), cfg)
@@ -445,13 +434,10 @@ def train_iterations(cfg: Config, method: Method, title: str) -> list[tuple[str,
 
 
 class Run:
-    """train_iterations' bookkeeping, beside it: the policy and its optimiser, resumed from last/ with
-    the loop's state; the metrics log; each iteration's collect and reflection wall time (restarts
-    included). Files in <out>/<method.name>: metrics.jsonl (a line per optimiser step, iteration and
-    reevaluation events), collect-<it>.pt (its wall time in collect-<it>-seconds.json; a killed
-    collect's finished part in collect-<it>-partial.pt), eval-iter<it>-{dev,test}/ (summary.json,
-    trajectories.json), iter<it>/ (the policy, Hugging Face layout), last/ (policy, optimiser, method
-    state, trainer_state.json; every save_every updates)."""
+    """train_iterations' bookkeeping: the policy and its optimiser resumed from last/ with the loop's
+    state, the metrics log, the wall times (restarts included). Files in <out>/<method.name>:
+    metrics.jsonl, collect-<it>.pt (+ -seconds.json; a killed collect's part in -partial.pt),
+    eval-iter<it>-{dev,test}/, iter<it>/ (the policy), last/ (policy, optimiser, method and loop state)."""
 
     def __init__(self, cfg: Config, method: Method, novice: str):
         self.cfg, self.method = cfg, method
