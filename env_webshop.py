@@ -215,15 +215,20 @@ def _read_json(path: str, kind: type):
     return data
 
 
-def _field(path: str, where: str, record, name: str, kind=None, each: type | None = None, need: bool = True):
-    if not isinstance(record, dict) or need and name not in record:
+def _field(path: str, where: str, record, name: str, kind=None):
+    if not isinstance(record, dict) or name not in record:
         raise ValueError(f"{path}: {where} has no field {name!r}")
-    if kind is not None and record.get(name) is not None and not isinstance(record.get(name), kind):
+    if kind is not None and record[name] is not None and not isinstance(record[name], kind):
         raise ValueError(f"{path}: {where} field {name!r} should be a {getattr(kind, '__name__', kind)}")
-    items = list(value.values()) if isinstance(value := record.get(name), dict) else value or []
-    if each is not None and not (isinstance(items, list) and all(isinstance(v, each) for v in items)):
-        raise ValueError(f"{path}: {where} field {name!r} should be a list of {each.__name__}, got {value!r:.80}")
-    return value
+    return record[name]
+
+
+def _strings(path: str, where: str, name: str, value) -> list[str]:
+    """A field's strings (a dict's values: instruction_options); [] for none; else one line naming it."""
+    items = list(value.values()) if isinstance(value, dict) else value or []
+    if not (isinstance(items, list) and all(isinstance(v, str) for v in items)):
+        raise ValueError(f"{path}: {where} field {name!r} should be a list of str, got {value!r:.80}")
+    return items
 
 
 def _parse_pricing(path: str, where: str, value) -> list[float]:
@@ -270,7 +275,7 @@ def _load_real(data_dir: str) -> tuple[list[dict], dict[str, list[dict]]]:
              "query": str(_field(prod_path, where, r, "query", str)).lower().strip(),
              "category": _field(prod_path, where, r, "category"),
              "product_category": str(_field(prod_path, where, r, "product_category", str)),
-             "attributes": _field(attr_path, asin, entry, "attributes", list, str, need=False) or ["DUMMY_ATTR"],
+             "attributes": _strings(attr_path, asin, "attributes", entry.get("attributes")) or ["DUMMY_ATTR"],
              "options": opts, "price": pricing[0], "price_tag": " to ".join(f"${x}" for x in pricing),
              "description": str(r.get("full_description") or ""), "features": [str(b) for b in bullets]}
         p["doc"] = " ".join([p["title"], p["description"], (p["features"] or [""])[0],
@@ -283,11 +288,11 @@ def _load_real(data_dir: str) -> tuple[list[dict], dict[str, list[dict]]]:
             raise ValueError(f"{human_path}: {p['asin']} should be a list of instructions, got {type(entries).__name__}")
         for j, ins in enumerate(entries):
             where = f"{p['asin']} instruction {j}"
-            goal_attrs = _field(human_path, where, ins, "instruction_attributes", list, str) or []
+            goal_attrs = _strings(human_path, where, "instruction_attributes",
+                                  _field(human_path, where, ins, "instruction_attributes", list))
             if not goal_attrs:  # WebShop skips goals without attributes
                 continue
-            opts = _field(human_path, where, ins, "instruction_options", each=str, need=False) or []
-            opts = list(opts.values()) if isinstance(opts, dict) else opts
+            opts = _strings(human_path, where, "instruction_options", ins.get("instruction_options"))
             upper = _price_upper(p["price"], random.Random(f"{p['asin']}-{j}"))
             text = str(_field(human_path, where, ins, "instruction", str)).strip(".") + _price_text(upper)
             goals.append(_goal(p, text, goal_attrs, [_norm(o) for o in opts], upper))
@@ -366,11 +371,9 @@ def _content_words(title: str) -> set[str]:
 
 
 def type_reward(product: dict, goal: dict) -> float:
-    """WebShop's r_type: same query or >= 2 shared category levels or title overlap > 0.2 -> 1. As in WebShop's
-    rule, a product of another type in the same subcategory (2 shared levels of the generated catalogue's 3, e.g.
-    mascara for a lipstick goal) gets r_type 1: 382 of the 546 test goals can be met in full (reward 1) by another
-    type of their subcategory, and for 206 a product of another type that scores 1 is on page 1 of a search for the
-    instruction's text (204 of them of the same subcategory). The expert always buys the goal's own type."""
+    """WebShop's r_type: same query or >= 2 shared category levels or title overlap > 0.2 -> 1. As in WebShop,
+    another type of the same subcategory (mascara for a lipstick goal) gets 1, which 382 of the 546 test goals
+    allow; the expert always buys the goal's own type."""
     query_match = product["query"] == goal["query"]
     levels = lambda c: {x.strip() for x in c.split("›")}  # noqa: E731
     category_match = len(levels(product["product_category"]) & levels(goal["product_category"])) >= 2
